@@ -1,0 +1,1 @@
+//! Batched PCGrad (placeholder: filled in by the PCGrad work).

@@ -1,0 +1,1 @@
+//! BERT WordPiece tokenizer (placeholder: filled in by the tokenizer work).
