@@ -1,0 +1,268 @@
+"""Reading the CS224N handout data: SST and CFIMDB sentences, Quora and STS pairs.
+
+Files are tab-separated UTF-8 with a header; columns are found by header name.
+Every physical line is one record (the handout format has no multi-line
+fields), so an unbalanced quote can damage only its own line, and every
+malformed row is reported with its file and line number: skipped with a
+warning by default, an error under `strict=True`. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+SPLITS = ("train", "dev", "test-student")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How one task's files look and what its labels mean."""
+
+    name: str  # the CLI name: sst, para, sts, cfimdb
+    file_stem: str  # files are f"{file_stem}-{split}.csv"
+    text_columns: tuple[str, ...]  # one column for sentences, two for pairs
+    label_column: str
+    kind: str  # "classification", "binary" or "regression"
+    num_classes: int = 0  # classification only
+    label_range: tuple[float, float] = (0.0, 0.0)  # regression only
+
+    @property
+    def is_pair(self) -> bool:
+        return len(self.text_columns) == 2
+
+    def path(self, data_dir: Path, split: str) -> Path:
+        return data_dir / f"{self.file_stem}-{split}.csv"
+
+
+TASKS: dict[str, TaskSpec] = {
+    "sst": TaskSpec("sst", "ids-sst", ("sentence",), "sentiment", "classification", num_classes=5),
+    "para": TaskSpec("para", "quora", ("sentence1", "sentence2"), "is_duplicate", "binary", num_classes=2),
+    "sts": TaskSpec("sts", "sts", ("sentence1", "sentence2"), "similarity", "regression", label_range=(0.0, 5.0)),
+    "cfimdb": TaskSpec("cfimdb", "ids-cfimdb", ("sentence",), "sentiment", "binary", num_classes=2),
+}
+
+
+def task_spec(name: str) -> TaskSpec:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
+
+
+@dataclass(frozen=True)
+class Example:
+    """One record: an id, one sentence or a pair, and a label (None when unlabeled)."""
+
+    id: str
+    text: str
+    text_pair: Optional[str] = None
+    label: Optional[Union[int, float]] = None
+
+
+@dataclass(frozen=True)
+class BadRow:
+    path: Path
+    line: int  # 1-based physical line number in the file (the header is line 1)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass
+class Split:
+    """The good examples of one file, and the rows that were not usable."""
+
+    task: TaskSpec
+    split: str
+    path: Path
+    examples: list[Example]
+    bad_rows: list[BadRow] = field(default_factory=list)
+
+    @property
+    def labeled(self) -> bool:
+        return self.split != "test-student"
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+class DataDirError(FileNotFoundError):
+    """No directory holding the handout data files could be found."""
+
+
+class DataFormatError(ValueError):
+    """A data file cannot be read (bad encoding, missing column, or a malformed row under strict)."""
+
+
+class MalformedRowWarning(UserWarning):
+    """A data row was skipped; the message gives file, line and reason."""
+
+
+def _known_file_names() -> set[str]:
+    return {spec.path(Path(), split).name for spec in TASKS.values() for split in SPLITS}
+
+
+def _holds_data(folder: Path) -> bool:
+    names = _known_file_names()
+    return folder.is_dir() and any((folder / n).is_file() for n in names)
+
+
+def resolve_data_dir(data_dir: Optional[Union[str, os.PathLike]] = None) -> Path:
+    """Find the data directory: the argument, then $MTBERT_DATA, then ./data, then ../shared/data.
+
+    An explicit argument or environment variable that does not hold the files is
+    an error (never a silent fall-through to another place).
+    """
+    if data_dir is not None:
+        folder = Path(data_dir).expanduser()
+        if not _holds_data(folder):
+            raise DataDirError(f"--data-dir {str(folder)!r} does not hold any handout data file "
+                               "(for example ids-sst-train.csv)")
+        return folder
+    env = os.environ.get("MTBERT_DATA")
+    if env:
+        folder = Path(env).expanduser()
+        if not _holds_data(folder):
+            raise DataDirError(f"MTBERT_DATA={env!r} does not hold any handout data file "
+                               "(for example ids-sst-train.csv)")
+        return folder
+    candidates = [Path("data"), Path("..") / "shared" / "data"]
+    # Also look beside the source checkout, so commands work from any cwd.
+    repo_root = Path(__file__).resolve().parents[2]
+    candidates += [repo_root / "data", repo_root.parent / "shared" / "data"]
+    for folder in candidates:
+        if _holds_data(folder):
+            return folder
+    looked = ", ".join(str(c.resolve()) for c in candidates)
+    raise DataDirError(
+        "no data directory found: pass --data-dir, set MTBERT_DATA, or put the files in ./data; "
+        f"looked in: {looked}"
+    )
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(
+            f"{path}: not valid UTF-8 at byte offset {exc.start} ({exc.reason})"
+        ) from None
+
+
+def _parse_label(spec: TaskSpec, raw: str) -> Union[int, float]:
+    """Turn a label cell into an int class or a float score; ValueError with the reason."""
+    raw = raw.strip()
+    if not raw:
+        raise ValueError("empty label")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"unparsable label {raw!r}") from None
+    if spec.kind == "regression":
+        lo, hi = spec.label_range
+        if not lo <= value <= hi:
+            raise ValueError(f"label {value} outside [{lo}, {hi}]")
+        return value
+    if value != int(value) or not 0 <= value < spec.num_classes:
+        raise ValueError(f"label {raw!r} is not a class in 0..{spec.num_classes - 1}")
+    return int(value)
+
+
+def read_split(
+    spec: TaskSpec,
+    path: Path,
+    split: str,
+    *,
+    strict: bool = False,
+    warn: bool = True,
+) -> Split:
+    """Read one handout file into a Split; malformed rows are reported, never dropped silently."""
+    text = _decode(path)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    if not lines:
+        raise DataFormatError(f"{path}: empty file (no header)")
+    header = next(csv.reader([lines[0]], delimiter="\t"))
+    labeled = split != "test-student"
+    wanted = ("id",) + spec.text_columns + ((spec.label_column,) if labeled else ())
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataFormatError(f"{path}: header lacks column(s) {missing}; header is {header}")
+    index = {name: header.index(name) for name in wanted}
+    width = len(header)
+
+    examples: list[Example] = []
+    bad: list[BadRow] = []
+    for line_no, line in enumerate(lines[1:], start=2):
+        line = line.rstrip("\r")
+        row = next(csv.reader([line], delimiter="\t"), [])
+        try:
+            if len(row) != width:
+                raise ValueError(f"expected {width} fields, found {len(row)}")
+            ex_id = row[index["id"]].strip()
+            if not ex_id:
+                raise ValueError("empty id")
+            texts = [row[index[c]] for c in spec.text_columns]
+            for col, value in zip(spec.text_columns, texts):
+                if not value.strip():
+                    raise ValueError(f"empty {col}")
+            label = _parse_label(spec, row[index[spec.label_column]]) if labeled else None
+        except ValueError as exc:
+            bad.append(BadRow(path, line_no, str(exc)))
+            continue
+        examples.append(Example(ex_id, texts[0], texts[1] if spec.is_pair else None, label))
+
+    if bad:
+        if strict:
+            listing = "; ".join(str(b) for b in bad[:10])
+            more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+            raise DataFormatError(f"{len(bad)} malformed row(s) in {path}: {listing}{more}")
+        if warn:
+            for b in bad:
+                warnings.warn(f"skipped malformed row {b}", MalformedRowWarning, stacklevel=2)
+    return Split(spec, split, path, examples, bad)
+
+
+def load_split(
+    task: str,
+    split: str,
+    data_dir: Optional[Union[str, os.PathLike]] = None,
+    *,
+    strict: bool = False,
+    limit: Optional[int] = None,
+    warn: bool = True,
+) -> Split:
+    """Load `split` ("train", "dev" or "test-student") of `task` from the resolved data dir.
+
+    `limit` keeps the first N good examples (bad rows before the cut are still reported).
+    """
+    spec = task_spec(task)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    folder = resolve_data_dir(data_dir)
+    path = spec.path(folder, split)
+    if not path.is_file():
+        raise DataDirError(f"data file {str(path)!r} not found in data directory {str(folder)!r}")
+    result = read_split(spec, path, split, strict=strict, warn=warn)
+    if limit is not None:
+        result.examples = result.examples[:limit]
+    return result
+
+
+def all_sentences(splits: Iterable[Split]) -> list[str]:
+    """Every sentence of the given splits (both sides of pairs), in file order."""
+    out: list[str] = []
+    for s in splits:
+        for ex in s.examples:
+            out.append(ex.text)
+            if ex.text_pair is not None:
+                out.append(ex.text_pair)
+    return out
