@@ -1,0 +1,318 @@
+"""Command-line entry points: mtbert-train, mtbert-eval, mtbert-predict, mtbert-ablate."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+from click.core import ParameterSource
+
+from .data import TASKS
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
+# Help text for every training option; the option list is generated from this
+# table and TrainConfig's fields, so the two cannot drift apart.
+TRAIN_HELP: dict[str, str] = {
+    "data_dir": "Data directory (default: $MTBERT_DATA, ./data, then ../shared/data).",
+    "model": "HF-format BERT folder (default: the embedded all-MiniLM-L6-v2).",
+    "out": "Output folder: checkpoints, metrics.jsonl, summary, predictions.",
+    "tasks": f"Comma-separated tasks to train ({', '.join(TASKS)}).",
+    "epochs": "Number of epochs.",
+    "max_steps": "Stop after this many steps (overrides --epochs).",
+    "steps_per_epoch": "Steps in one epoch (default: one pass over --epoch-task).",
+    "epoch_task": "Task whose one pass over the training data is an epoch.",
+    "train_limit": "Use at most N training examples per task.",
+    "eval_limit": "Use at most N dev examples per task for evaluations during training.",
+    "batch_size": "Batch size per task and step.",
+    "eval_batch_size": "Batch size for evaluation.",
+    "lr": "Peak learning rate.",
+    "weight_decay": "AdamW decoupled weight decay.",
+    "warmup": "Fraction of steps with linear warmup (then linear decay to 0).",
+    "grad_clip": "Clip the global gradient norm to this value (0: off).",
+    "combine": "How task gradients combine: sum of losses, or PCGrad gradient surgery.",
+    "pcgrad_reduction": "Combine projected gradients by sum (same scale as --combine sum) or mean.",
+    "sampling": "Tasks per step: all (round-robin) or drawn by size (proportional, temperature).",
+    "temperature": "Temperature T for --sampling temperature (p ~ size^(1/T)).",
+    "max_length": "Maximum sequence length in tokens (longer inputs are truncated).",
+    "bucket": "Batch examples of similar length together (less padding).",
+    "pooling": "Sentence embedding: mean of tokens, [CLS], or the pooler.",
+    "pair_encoding": "Pairs: joint ([CLS] A [SEP] B [SEP]) or separate ([u, v, |u-v|, u*v]).",
+    "dropout_sst": "Dropout of the sentiment head (default 0.5).",
+    "dropout_para": "Dropout of the paraphrase head (default 0.3).",
+    "dropout_sts": "Dropout of the similarity head (default 0.5).",
+    "dropout_cfimdb": "Dropout of the CFIMDB head (default 0.3).",
+    "extra_layers": "Extra hidden Linear+activation layers added to every head.",
+    "activation": "Activation of hidden head layers.",
+    "freeze_encoder": "Train only the heads; the encoder stays bit-identical.",
+    "class_weights": "Weight sentiment classes by N / (K * N_i).",
+    "reg": "Weight penalty on the heads of --reg-tasks: loss + w * ||W||_p.",
+    "reg_weight": "Weight w of the --reg penalty.",
+    "reg_tasks": "Comma-separated tasks whose heads get the --reg penalty.",
+    "smart_weight": "SMART regularization weight lambda (0: off).",
+    "smart_tasks": "Comma-separated tasks with SMART regularization.",
+    "smart_eps": "SMART perturbation radius.",
+    "smart_step": "SMART ascent step size.",
+    "smart_steps": "SMART ascent steps K.",
+    "smart_noise": "Std of SMART's initial noise.",
+    "smart_norm": "SMART perturbation ball.",
+    "seed": "Random seed (CPU runs are fully reproducible).",
+    "device": "auto (CUDA when available), cpu, cuda, cuda:N.",
+    "precision": "auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16 (GPU).",
+    "log_every": "Write a training line to metrics.jsonl every N steps.",
+    "eval_every": "Also evaluate on dev every N steps.",
+    "save_every": "Write the resume checkpoint every N steps.",
+    "strict": "Malformed data rows are errors instead of skipped with a warning.",
+    "progress": "Show progress bars.",
+    "predict": "At the end, score the best checkpoint on the full dev splits and write dev and "
+               "test prediction files.",
+}
+
+CHOICES = {
+    "combine": ("sum", "pcgrad"),
+    "pcgrad_reduction": ("sum", "mean"),
+    "sampling": ("round-robin", "proportional", "temperature"),
+    "pooling": ("mean", "cls", "pooler"),
+    "pair_encoding": ("joint", "separate"),
+    "activation": ("relu", "leakyrelu"),
+    "reg": ("none", "l1", "l2", "linf"),
+    "smart_norm": ("linf", "l2"),
+    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "epoch_task": tuple(TASKS),
+}
+LIST_FIELDS = ("tasks", "reg_tasks", "smart_tasks")
+
+
+def _train_config_class():
+    from .train import TrainConfig
+    return TrainConfig
+
+
+def _option_for(f: dataclasses.Field, default: Any):
+    name = f.name
+    flag = "--" + name.replace("_", "-")
+    help_text = TRAIN_HELP[name]
+    if isinstance(default, bool):
+        return click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=default,
+                            show_default=True, help=help_text)
+    if name in LIST_FIELDS:
+        return click.option(flag, name, default=",".join(default), show_default=True, help=help_text)
+    if name in CHOICES:
+        return click.option(flag, name, type=click.Choice(CHOICES[name]), default=default,
+                            show_default=True, help=help_text)
+    kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+    if name in ("data_dir", "model", "out"):
+        kind = click.Path()
+    return click.option(flag, name, type=kind, default=default, show_default=default is not None,
+                        help=help_text)
+
+
+def training_options(func):
+    """Decorate a click command with one option per TrainConfig field."""
+    cls = _train_config_class()
+    defaults = cls()
+    for f in reversed(dataclasses.fields(cls)):
+        func = _option_for(f, getattr(defaults, f.name))(func)
+    return func
+
+
+def _normalize(values: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key in LIST_FIELDS and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        out[key] = value
+    return out
+
+
+def _given_flags(ctx: click.Context, params: dict) -> dict:
+    return {k: v for k, v in params.items()
+            if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+
+
+def _read_config_file(path: Optional[str]) -> dict:
+    if path is None:
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            return _normalize(tomllib.load(fh))
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{path} is not valid TOML: {exc}", param_hint="--config") from None
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+def build_train_config(ctx: click.Context, params: dict, preset: Optional[str], config_file: Optional[str]):
+    from .train import config_from_sources
+    try:
+        return config_from_sources(preset, _read_config_file(config_file),
+                                   _normalize(_given_flags(ctx, params)))
+    except (ValueError, TypeError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--preset", type=click.Choice(["cpu-default", "seed-final", "smoke"]), default=None,
+              help="Start from a named configuration (flags and --config override it).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML file with the same keys as the flags (flags override it).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the interrupted run in this --out folder, with its saved configuration.")
+@training_options
+@click.pass_context
+def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
+    """Fine-tune one shared BERT encoder on SST-5, Quora and STS-B at once.
+
+    With no options: all-MiniLM-L6-v2 on the data directory, a CPU-sized budget.
+    """
+    from .checkpoint import CheckpointError, read_meta
+    from .data import DataDirError, DataFormatError
+    from .pretrained import ModelFolderError
+    from .train import TrainConfig, train
+
+    if resume_dir is not None:
+        given = _given_flags(ctx, params)
+        extra = sorted(set(given) - {"data_dir", "device", "progress"})
+        if extra or preset or config_file:
+            raise click.UsageError("--resume continues the saved configuration; do not combine it with "
+                                   + ", ".join(["--" + e.replace("_", "-") for e in extra]
+                                               + (["--preset"] if preset else [])
+                                               + (["--config"] if config_file else [])))
+        try:
+            saved = read_meta(Path(resume_dir) / "last")["train"]
+        except CheckpointError as exc:
+            _fail(exc)
+        saved.update(_normalize(given))
+        saved["out"] = str(resume_dir)
+        cfg = TrainConfig.from_dict(saved)
+    else:
+        cfg = build_train_config(ctx, params, preset, config_file)
+    try:
+        train(cfg, resume=resume_dir is not None)
+    except (DataDirError, DataFormatError, ModelFolderError, CheckpointError) as exc:
+        _fail(exc)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A run's --out folder (uses its best checkpoint) or a checkpoint folder.")
+@click.option("--split", type=click.Choice(["dev", "test", "both"]), default="dev", show_default=True,
+              help="Which split to evaluate and predict (test: the unlabeled test-student files).")
+@click.option("--data-dir", type=click.Path(), default=None, help="Data directory.")
+@click.option("--out", type=click.Path(), default=None,
+              help="Where prediction files and eval.json go (default: the checkpoint's run folder).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size.")
+@click.option("--plots/--no-plots", default=False, show_default=True,
+              help="Also draw learning curves, per-class accuracy and gradient-conflict plots.")
+def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
+    """Evaluate a checkpoint: metrics per task and prediction files for every id."""
+    from .checkpoint import CheckpointError, write_json
+    from .data import DataDirError, DataFormatError, resolve_data_dir
+    from .evaluate import format_table
+    from .inference import checkpoint_folder, load_checkpoint, predict_files
+    from .metrics import overall_scores
+    from .train import pick_device
+
+    try:
+        dev = pick_device(device)
+        model, meta, tokenizer = load_checkpoint(checkpoint, device=dev)
+        folder = checkpoint_folder(checkpoint)
+        out_dir = Path(out) if out else (folder.parent if folder.name == "best" else folder)
+        data = resolve_data_dir(data_dir)
+        report = {}
+        for s in (["dev", "test-student"] if split == "both" else
+                  ["test-student" if split == "test" else "dev"]):
+            metrics = predict_files(model, tokenizer, meta, model.config.tasks, s, data, out_dir,
+                                    device=dev, batch_size=batch_size)
+            if metrics:
+                report[s] = {"tasks": metrics, **overall_scores(metrics)}
+                click.echo(f"\n{s}:\n{format_table(metrics)}")
+            click.echo(f"wrote predictions for {s} to {out_dir}")
+        write_json(out_dir / "eval.json", report)
+        if plots:
+            from .plots import plot_run
+            for path in plot_run(out_dir, report.get("dev", {}).get("tasks")):
+                click.echo(f"wrote {path}")
+    except (CheckpointError, DataDirError, DataFormatError, ValueError) as exc:
+        _fail(exc)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A run's --out folder or a checkpoint folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.argument("sentence")
+@click.argument("second", required=False)
+def predict_cmd(checkpoint, as_json, sentence, second):
+    """Sentiment of SENTENCE, or paraphrase probability and similarity of SENTENCE and SECOND."""
+    from .checkpoint import CheckpointError
+    from .inference import predict_text, load_checkpoint
+
+    try:
+        model, meta, tokenizer = load_checkpoint(checkpoint)
+        result = predict_text(model, tokenizer, meta, sentence, second)
+    except (CheckpointError, ValueError) as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    names = {0: "very negative", 1: "negative", 2: "neutral", 3: "positive", 4: "very positive"}
+    for task, r in result.items():
+        if task == "sst":
+            click.echo(f"sentiment: {r['label']} ({names[r['label']]}), probabilities {r['probabilities']}")
+        elif task == "cfimdb":
+            click.echo(f"cfimdb positive-review probability: {r['probability']}")
+        elif task == "para":
+            click.echo(f"paraphrase probability: {r['probability']}")
+        elif task == "sts":
+            click.echo(f"similarity (0-5): {r['similarity']}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--grid", type=click.Choice(["seed"]), default="seed", show_default=True,
+              help="Which grid of configurations to run (seed: the study's ablation table).")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Seeds per configuration (seed, seed+1, ...).")
+@click.option("--budget", type=float, default=1.0, show_default=True,
+              help="Scales steps and training examples of every run (1.0: 300 steps on <= 4000 "
+                   "examples per task; 0.05 is a quick smoke run).")
+@click.option("--only", default=None,
+              help="Comma-separated configuration names (or their slugs) to run instead of all.")
+@click.option("--preset", type=click.Choice(["cpu-default", "seed-final", "smoke"]), default=None,
+              help="Base configuration for every run.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="TOML base configuration (same keys as mtbert-train).")
+@training_options
+@click.pass_context
+def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, preset, config_file, **params):
+    """Rerun the study's ablation table: every configuration, several seeds, table and plot.
+
+    Accepts every mtbert-train flag as the base configuration; --out is the grid's folder.
+    """
+    from .ablation import run_grid
+    from .data import DataDirError, DataFormatError
+    from .pretrained import ModelFolderError
+
+    base = build_train_config(ctx, params, preset, config_file)
+    if ctx.get_parameter_source("out") != ParameterSource.COMMANDLINE:
+        base = dataclasses.replace(base, out="runs/ablation")
+    names = [n.strip() for n in only.split(",")] if only else None
+    try:
+        rows = run_grid(base, grid=grid, seeds=seeds, budget=budget, out=Path(base.out), only=names)
+    except (DataDirError, DataFormatError, ModelFolderError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"wrote {Path(base.out) / 'ablation.md'} and ablation.png ({len(rows)} configurations)")

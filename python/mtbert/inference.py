@@ -1,0 +1,96 @@
+"""Using a trained run: load its checkpoint, evaluate splits, write prediction files,
+predict single sentences."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .batches import encode_split
+from .data import TASKS, Example, Split, load_split
+from .evaluate import predict_split, write_predictions
+from .metrics import task_metrics
+from .multitask import MultitaskBert, MultitaskConfig
+from .tokenizer import WordPieceTokenizer
+
+
+def checkpoint_folder(path) -> Path:
+    """A run's --out folder (its best checkpoint) or a checkpoint folder itself."""
+    path = Path(path)
+    if not path.exists():
+        raise ckpt.CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+    if (path / ckpt.META_FILE).is_file():
+        return path
+    best = ckpt.existing_folder(path / "best")
+    if best is not None:
+        return best
+    raise ckpt.CheckpointError(
+        f"{str(path)!r} is neither a checkpoint folder ({ckpt.META_FILE}) nor a run folder with best/")
+
+
+def load_checkpoint(path, *, device: Optional[torch.device] = None
+                    ) -> tuple[MultitaskBert, dict, WordPieceTokenizer]:
+    folder = checkpoint_folder(path)
+    meta = ckpt.read_meta(folder)
+    try:
+        config = MultitaskConfig.from_dict(meta["model"])
+        model = MultitaskBert(config)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ckpt.CheckpointError(f"{folder / ckpt.META_FILE}: bad model configuration: {exc}") from None
+    ckpt.load_state_into(model, ckpt.load_tensors(folder / ckpt.MODEL_FILE), folder / ckpt.MODEL_FILE)
+    vocab = folder / ckpt.VOCAB_FILE
+    if not vocab.is_file():
+        raise ckpt.CheckpointError(f"{folder} lacks {ckpt.VOCAB_FILE}")
+    tokenizer = WordPieceTokenizer.from_file(vocab, lowercase=meta.get("tokenizer", {}).get("lowercase", True))
+    model.to(device or torch.device("cpu")).eval()
+    return model, meta, tokenizer
+
+
+def predict_files(model: MultitaskBert, tokenizer: WordPieceTokenizer, meta: dict, tasks: list[str],
+                  split: str, data_dir, out: Path, *, device: torch.device, precision: str = "fp32",
+                  batch_size: int = 64, strict: bool = False) -> dict[str, dict]:
+    """Predict every row of `split` for each task, write `{task}-{split}-output.csv` into
+    `out`, and return metrics for labeled splits."""
+    train_cfg = meta.get("train", {})
+    max_length = train_cfg.get("max_length", 128)
+    metrics = {}
+    for task in tasks:
+        data = load_split(task, split, data_dir, strict=strict, warn=False)
+        encoded = encode_split(tokenizer, data, max_length=max_length,
+                               pair_encoding=model.config.pair_encoding)
+        preds = predict_split(model, encoded, device=device, batch_size=batch_size, precision=precision)
+        write_predictions(out, task, split, encoded.ids, preds)
+        if encoded.labels is not None:
+            metrics[task] = task_metrics(task, encoded.labels, preds)
+    return metrics
+
+
+@torch.no_grad()
+def predict_text(model: MultitaskBert, tokenizer: WordPieceTokenizer, meta: dict,
+                 text: str, text_pair: Optional[str] = None) -> dict:
+    """Sentiment of one sentence, or paraphrase probability and similarity of a pair."""
+    max_length = meta.get("train", {}).get("max_length", 128)
+    tasks = [t for t in model.config.tasks if TASKS[t].is_pair == (text_pair is not None)]
+    if not tasks:
+        kind = "sentence pairs" if text_pair is not None else "single sentences"
+        raise ValueError(f"this checkpoint has no task for {kind} (tasks: {model.config.tasks})")
+    device = next(model.parameters()).device
+    result = {}
+    for task in tasks:
+        split = Split(TASKS[task], "test-student", Path("<input>"), [Example("input", text, text_pair)])
+        batch = encode_split(tokenizer, split, max_length=max_length,
+                             pair_encoding=model.config.pair_encoding).batch(np.array([0])).to(device)
+        out = model(task, batch).float()
+        kind = TASKS[task].kind
+        if kind == "classification":
+            probs = torch.softmax(out, dim=-1)[0]
+            result[task] = {"label": int(probs.argmax()), "probabilities": [round(float(p), 4) for p in probs]}
+        elif kind == "binary":
+            result[task] = {"probability": round(float(torch.sigmoid(out[0])), 4)}
+        else:
+            result[task] = {"similarity": round(float(out[0]), 4)}
+    return result
