@@ -38,3 +38,33 @@ def model_dir() -> Path:
         return resolve_model_dir(None)
     except ModelFolderError as exc:
         _missing(str(exc))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, model_dir) -> Path:
+    """A random 2-layer, 32-wide BERT with the real vocabulary: fast enough for many runs."""
+    import shutil
+
+    import torch
+
+    from mtbert.config import BertConfig
+    from mtbert.model import BertModel
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(folder)
+    shutil.copyfile(model_dir / "vocab.txt", folder / "vocab.txt")
+    return folder
+
+
+def tiny_config(tmp_path: Path, tiny_model_dir: Path, data_dir: Path, **overrides):
+    """A TrainConfig for a few quick steps of the tiny model on small data slices."""
+    from mtbert.train import TrainConfig
+
+    values = dict(model=str(tiny_model_dir), data_dir=str(data_dir), out=str(tmp_path / "run"),
+                  max_steps=12, train_limit=48, eval_limit=40, batch_size=8, max_length=48,
+                  lr=1e-3, warmup=0.0, save_every=4, log_every=2, progress=False, predict=False)
+    values.update(overrides)
+    return TrainConfig(**values)

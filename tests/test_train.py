@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,31 +19,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mtbert.cli import eval_cmd, predict_cmd, train_cmd
-from mtbert.config import BertConfig
 from mtbert.data import load_split
-from mtbert.model import BertModel
-from mtbert.train import TrainConfig, train
+from mtbert.train import train
 
-
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, model_dir) -> Path:
-    """A random 2-layer, 32-wide BERT with the real vocabulary: fast enough for many runs."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    shutil.copyfile(model_dir / "vocab.txt", folder / "vocab.txt")
-    return folder
-
-
-def tiny_config(tmp_path: Path, tiny_model_dir: Path, data_dir: Path, **overrides) -> TrainConfig:
-    values = dict(model=str(tiny_model_dir), data_dir=str(data_dir), out=str(tmp_path / "run"),
-                  max_steps=12, train_limit=48, eval_limit=40, batch_size=8, max_length=48,
-                  lr=1e-3, warmup=0.0, save_every=4, log_every=2, progress=False,
-                  predict=False)
-    values.update(overrides)
-    return TrainConfig(**values)
+from conftest import tiny_config
 
 
 def read_log(out: Path) -> list[dict]:
