@@ -378,3 +378,14 @@ def test_config_validation_and_round_trip(model_dir):
         BertConfig(**TINY, hidden_dropout_prob=1.5)
     with pytest.raises(ValueError, match="position_embedding_type 'relative_key'"):
         BertConfig.from_dict({**TINY, "position_embedding_type": "relative_key"})
+
+
+def test_embedding_noise_is_added_to_the_embedding_output():
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(**TINY)).eval()
+    ids, _, types = tiny_batch()
+    noise = torch.randn(*ids.shape, 32) * 0.1
+    with torch.no_grad():
+        expected = model.encoder(model.embeddings(ids, types) + noise, None)  # no padding mask
+        noisy = model(ids, None, types, embedding_noise=noise)
+    assert max_diff(noisy.last_hidden_state, expected) < 1e-6
