@@ -16,7 +16,9 @@ mod wordpiece_binding {
 
     use numpy::ndarray::Array2;
     use numpy::{IntoPyArray, PyArray2};
-    use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+    use pyo3::exceptions::{
+        PyFileNotFoundError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
+    };
     use pyo3::prelude::*;
     use pyo3::types::PyString;
 
@@ -39,14 +41,17 @@ mod wordpiece_binding {
     }
 
     fn type_name(obj: &Bound<'_, PyAny>) -> String {
-        obj.get_type().name().map(|n| n.to_string()).unwrap_or_else(|_| "?".into())
+        obj.get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".into())
     }
 
     /// UTF-8 of one Python str; `what` names the argument in errors.
     fn utf8_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
-        let s = obj
-            .cast::<PyString>()
-            .map_err(|_| PyTypeError::new_err(format!("{what} must be str, not {}", type_name(obj))))?;
+        let s = obj.cast::<PyString>().map_err(|_| {
+            PyTypeError::new_err(format!("{what} must be str, not {}", type_name(obj)))
+        })?;
         let bytes = s
             .encode_utf8()
             .map_err(|e| PyValueError::new_err(format!("{what} is not valid Unicode text: {e}")))?;
@@ -64,21 +69,29 @@ mod wordpiece_binding {
     impl Texts {
         fn collect(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Self> {
             if obj.is_instance_of::<PyString>() {
-                return Err(PyTypeError::new_err(format!("{what} must be a list of str, not a single str")));
+                return Err(PyTypeError::new_err(format!(
+                    "{what} must be a list of str, not a single str"
+                )));
             }
-            let iter = obj
-                .try_iter()
-                .map_err(|_| PyTypeError::new_err(format!("{what} must be a list of str, not {}", type_name(obj))))?;
+            let iter = obj.try_iter().map_err(|_| {
+                PyTypeError::new_err(format!(
+                    "{what} must be a list of str, not {}",
+                    type_name(obj)
+                ))
+            })?;
             let mut arena = Vec::new();
             let mut spans = Vec::new();
             for (i, item) in iter.enumerate() {
                 let item = item?;
                 let s = item.cast::<PyString>().map_err(|_| {
-                    PyTypeError::new_err(format!("{what}[{i}] must be str, not {}", type_name(&item)))
+                    PyTypeError::new_err(format!(
+                        "{what}[{i}] must be str, not {}",
+                        type_name(&item)
+                    ))
                 })?;
-                let bytes = s
-                    .encode_utf8()
-                    .map_err(|e| PyValueError::new_err(format!("{what}[{i}] is not valid Unicode text: {e}")))?;
+                let bytes = s.encode_utf8().map_err(|e| {
+                    PyValueError::new_err(format!("{what}[{i}] is not valid Unicode text: {e}"))
+                })?;
                 let start = arena.len();
                 arena.extend_from_slice(bytes.as_bytes());
                 spans.push((start, arena.len()));
@@ -105,9 +118,16 @@ mod wordpiece_binding {
         /// Build from the contents of a vocab.txt file.
         #[new]
         #[pyo3(signature = (vocab_text, lowercase=true, strip_accents=None))]
-        fn new(py: Python<'_>, vocab_text: &str, lowercase: bool, strip_accents: Option<bool>) -> PyResult<Self> {
+        fn new(
+            py: Python<'_>,
+            vocab_text: &str,
+            lowercase: bool,
+            strip_accents: Option<bool>,
+        ) -> PyResult<Self> {
             let inner = py
-                .detach(|| no_panic(|| WordPiece::from_vocab_text(vocab_text, lowercase, strip_accents)))?
+                .detach(|| {
+                    no_panic(|| WordPiece::from_vocab_text(vocab_text, lowercase, strip_accents))
+                })?
                 .map_err(to_py_err)?;
             Ok(PyWordPiece { inner })
         }
@@ -115,15 +135,27 @@ mod wordpiece_binding {
         /// Build from a vocab.txt path.
         #[staticmethod]
         #[pyo3(signature = (path, lowercase=true, strip_accents=None))]
-        fn from_file(py: Python<'_>, path: PathBuf, lowercase: bool, strip_accents: Option<bool>) -> PyResult<Self> {
+        fn from_file(
+            py: Python<'_>,
+            path: PathBuf,
+            lowercase: bool,
+            strip_accents: Option<bool>,
+        ) -> PyResult<Self> {
             let text = std::fs::read(&path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    PyFileNotFoundError::new_err(format!("vocab file {:?} does not exist", path.display().to_string()))
-                }
-                _ => PyOSError::new_err(format!("cannot read vocab file {:?}: {e}", path.display().to_string())),
+                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(format!(
+                    "vocab file {:?} does not exist",
+                    path.display().to_string()
+                )),
+                _ => PyOSError::new_err(format!(
+                    "cannot read vocab file {:?}: {e}",
+                    path.display().to_string()
+                )),
             })?;
             let text = String::from_utf8(text).map_err(|e| {
-                PyValueError::new_err(format!("vocab file {:?} is not UTF-8: {e}", path.display().to_string()))
+                PyValueError::new_err(format!(
+                    "vocab file {:?} is not UTF-8: {e}",
+                    path.display().to_string()
+                ))
             })?;
             Self::new(py, &text, lowercase, strip_accents)
         }
@@ -171,10 +203,18 @@ mod wordpiece_binding {
             truncation: bool,
             pad_to_max_length: bool,
             num_threads: usize,
-        ) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<i64>>)> {
+        ) -> PyResult<(
+            Bound<'py, PyArray2<i64>>,
+            Bound<'py, PyArray2<i64>>,
+            Bound<'py, PyArray2<i64>>,
+        )> {
             let a = Texts::collect(texts, "texts")?;
             let b = pairs.map(|p| Texts::collect(p, "pairs")).transpose()?;
-            let opts = BatchOptions { max_length, truncation, pad_to_max_length };
+            let opts = BatchOptions {
+                max_length,
+                truncation,
+                pad_to_max_length,
+            };
             let batch = py
                 .detach(|| {
                     no_panic(|| {
@@ -187,15 +227,23 @@ mod wordpiece_binding {
             let shape = (batch.rows, batch.cols);
             let to_np = |v: Vec<i64>| -> PyResult<Bound<'py, PyArray2<i64>>> {
                 // The Vec becomes the array's buffer: no copy.
-                let arr = Array2::from_shape_vec(shape, v).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+                let arr = Array2::from_shape_vec(shape, v)
+                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
                 Ok(arr.into_pyarray(py))
             };
-            Ok((to_np(batch.input_ids)?, to_np(batch.token_type_ids)?, to_np(batch.attention_mask)?))
+            Ok((
+                to_np(batch.input_ids)?,
+                to_np(batch.token_type_ids)?,
+                to_np(batch.attention_mask)?,
+            ))
         }
 
         /// The token of `id`, or None when out of range.
         fn id_to_token(&self, id: i64) -> Option<String> {
-            u32::try_from(id).ok().and_then(|i| self.inner.id_to_token(i)).map(str::to_string)
+            u32::try_from(id)
+                .ok()
+                .and_then(|i| self.inner.id_to_token(i))
+                .map(str::to_string)
         }
 
         /// The id of `token`, or None when not in the vocabulary.
@@ -205,7 +253,10 @@ mod wordpiece_binding {
 
         /// Every token, by id.
         fn tokens(&self) -> Vec<String> {
-            (0..self.inner.vocab_size() as u32).filter_map(|i| self.inner.id_to_token(i)).map(str::to_string).collect()
+            (0..self.inner.vocab_size() as u32)
+                .filter_map(|i| self.inner.id_to_token(i))
+                .map(str::to_string)
+                .collect()
         }
 
         #[getter]

@@ -54,7 +54,9 @@ pub enum Error {
 impl std::fmt::Display for Error {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Error::MissingTokens(t) => write!(f, "vocabulary lacks required token(s) {}", t.join(", ")),
+            Error::MissingTokens(t) => {
+                write!(f, "vocabulary lacks required token(s) {}", t.join(", "))
+            }
             Error::InvalidArgument(m) => f.write_str(m),
         }
     }
@@ -162,12 +164,17 @@ fn load16(b: &[u8]) -> (u64, u64) {
     let n = b.len();
     debug_assert!(n <= 16);
     if n >= 8 {
-        let hi = if n > 8 { u64_at(b, n - 8) >> (8 * (16 - n)) } else { 0 };
+        let hi = if n > 8 {
+            u64_at(b, n - 8) >> (8 * (16 - n))
+        } else {
+            0
+        };
         (u64_at(b, 0), hi)
     } else if n >= 4 {
         (u32_at(b, 0) | (u32_at(b, n - 4) << (8 * (n - 4))), 0)
     } else if n > 0 {
-        let lo = b[0] as u64 | (b[n / 2] as u64) << (8 * (n / 2)) | (b[n - 1] as u64) << (8 * (n - 1));
+        let lo =
+            b[0] as u64 | (b[n / 2] as u64) << (8 * (n / 2)) | (b[n - 1] as u64) << (8 * (n - 1));
         (lo, 0)
     } else {
         (0, 0)
@@ -215,21 +222,30 @@ impl PieceMap {
             while map.slots[i].meta != 0 {
                 i = (i + 1) & mask;
             }
-            map.slots[i] = Slot { k0, k1, meta: ((key.len() as u64 + 1) << 32) | id as u64 };
+            map.slots[i] = Slot {
+                k0,
+                k1,
+                meta: ((key.len() as u64 + 1) << 32) | id as u64,
+            };
         }
         map
     }
 
     #[inline(always)]
     fn index(&self, k0: u64, k1: u64, len: usize) -> usize {
-        let h = (k0 ^ k1.rotate_left(29) ^ (len as u64).rotate_left(53)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let h = (k0 ^ k1.rotate_left(29) ^ (len as u64).rotate_left(53))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
         (h >> self.shift) as usize
     }
 
     #[inline(always)]
     fn get(&self, key: &[u8]) -> Option<u32> {
         if key.len() > 16 {
-            return if self.long.is_empty() { None } else { self.long.get(key).copied() };
+            return if self.long.is_empty() {
+                None
+            } else {
+                self.long.get(key).copied()
+            };
         }
         let (k0, k1) = load16(key);
         let want = (key.len() as u64 + 1) << 32;
@@ -312,20 +328,29 @@ pub struct Batch {
 impl WordPiece {
     /// Build from the tokens of vocab.txt (see `parse_vocab`).
     /// `strip_accents: None` follows `lowercase`, as in the reference.
-    pub fn new(tokens: Vec<String>, lowercase: bool, strip_accents: Option<bool>) -> Result<Self, Error> {
+    pub fn new(
+        tokens: Vec<String>,
+        lowercase: bool,
+        strip_accents: Option<bool>,
+    ) -> Result<Self, Error> {
         let mut initial: FxHashMap<Box<[u8]>, u32> = FxHashMap::default();
         let mut continuation: FxHashMap<Box<[u8]>, u32> = FxHashMap::default();
         initial.reserve(tokens.len());
         for (id, tok) in tokens.iter().enumerate() {
-            let id = u32::try_from(id)
-                .map_err(|_| Error::InvalidArgument("vocabulary has more than 2^32 tokens".into()))?;
+            let id = u32::try_from(id).map_err(|_| {
+                Error::InvalidArgument("vocabulary has more than 2^32 tokens".into())
+            })?;
             initial.insert(tok.as_bytes().into(), id);
             if let Some(rest) = tok.strip_prefix(CONTINUATION_PREFIX) {
                 continuation.insert(rest.as_bytes().into(), id);
             }
         }
         let get = |t: &str| initial.get(t.as_bytes()).copied();
-        let missing: Vec<&'static str> = REQUIRED_TOKENS.iter().copied().filter(|t| get(t).is_none()).collect();
+        let missing: Vec<&'static str> = REQUIRED_TOKENS
+            .iter()
+            .copied()
+            .filter(|t| get(t).is_none())
+            .collect();
         if !missing.is_empty() {
             return Err(Error::MissingTokens(missing));
         }
@@ -363,7 +388,11 @@ impl WordPiece {
     }
 
     /// Build from the contents of a vocab.txt file.
-    pub fn from_vocab_text(contents: &str, lowercase: bool, strip_accents: Option<bool>) -> Result<Self, Error> {
+    pub fn from_vocab_text(
+        contents: &str,
+        lowercase: bool,
+        strip_accents: Option<bool>,
+    ) -> Result<Self, Error> {
         Self::new(parse_vocab(contents), lowercase, strip_accents)
     }
 
@@ -413,7 +442,11 @@ impl WordPiece {
         let mark = out.len();
         let mut start = 0;
         while start < word.len() {
-            let map = if start == 0 { &self.initial } else { &self.continuation };
+            let map = if start == 0 {
+                &self.initial
+            } else {
+                &self.continuation
+            };
             let max_len = map.max_len;
             // No token is longer than max_len bytes: start there, on a char boundary.
             let mut end = word.len().min(start + max_len);
@@ -493,7 +526,14 @@ impl WordPiece {
         if self.strip_accents {
             let mut stripped = std::mem::take(&mut s.chars2);
             stripped.clear();
-            stripped.extend(chars.iter().copied().nfd().map(|(c, _)| c).filter(|&c| class_of(c, bmp) & C_MN == 0));
+            stripped.extend(
+                chars
+                    .iter()
+                    .copied()
+                    .nfd()
+                    .map(|(c, _)| c)
+                    .filter(|&c| class_of(c, bmp) & C_MN == 0),
+            );
             s.chars2 = std::mem::replace(&mut chars, stripped);
         }
         for &c in &chars {
@@ -529,7 +569,11 @@ impl WordPiece {
                     A_PUNCT => {
                         self.flush(s, sink);
                         if b == b'[' {
-                            if let Some((tok, id)) = self.specials.iter().find(|(t, _)| bytes[i..].starts_with(t)) {
+                            if let Some((tok, id)) = self
+                                .specials
+                                .iter()
+                                .find(|(t, _)| bytes[i..].starts_with(t))
+                            {
                                 sink.special(tok, *id);
                                 i += tok.len();
                                 continue;
@@ -570,7 +614,10 @@ impl WordPiece {
 
     /// The tokens of `text` without special tokens.
     pub fn tokenize(&self, text: &str) -> Vec<String> {
-        self.encode_text(text).into_iter().map(|id| self.tokens[id as usize].clone()).collect()
+        self.encode_text(text)
+            .into_iter()
+            .map(|id| self.tokens[id as usize].clone())
+            .collect()
     }
 
     /// The normalized, pre-tokenized words of `text` (the input of WordPiece;
@@ -583,7 +630,12 @@ impl WordPiece {
 
     /// `[CLS] a [SEP]` or `[CLS] a [SEP] b [SEP]`, truncated longest-first to
     /// `max_length` ids when given.
-    pub fn encode(&self, a: &str, b: Option<&str>, max_length: Option<usize>) -> Result<(Vec<u32>, Vec<u32>), Error> {
+    pub fn encode(
+        &self,
+        a: &str,
+        b: Option<&str>,
+        max_length: Option<usize>,
+    ) -> Result<(Vec<u32>, Vec<u32>), Error> {
         check_max_length(max_length, b.is_some())?;
         let mut s = Scratch::default();
         let mut ia = Vec::new();
@@ -632,18 +684,31 @@ impl WordPiece {
             }
         }
         if opts.pad_to_max_length && opts.max_length.is_none() {
-            return Err(Error::InvalidArgument("padding to max_length needs a max_length".into()));
+            return Err(Error::InvalidArgument(
+                "padding to max_length needs a max_length".into(),
+            ));
         }
-        let trunc = if opts.truncation { opts.max_length } else { None };
+        let trunc = if opts.truncation {
+            opts.max_length
+        } else {
+            None
+        };
         check_max_length(trunc, is_pair)?;
 
         // Phase 1: token ids of each row, in chunks of rows (one arena per chunk).
         let n = texts.len();
-        let threads = if threads == 0 { crate::pool::default_threads() } else { threads };
+        let threads = if threads == 0 {
+            crate::pool::default_threads()
+        } else {
+            threads
+        };
         let chunk = (n / (threads * 8).max(1)).clamp(16, 2048);
         let encode_chunk = |lo: usize, s: &mut Scratch| -> Chunk {
             let hi = (lo + chunk).min(n);
-            let mut c = Chunk { ids: Vec::with_capacity((hi - lo) * 32), rows: Vec::with_capacity(hi - lo) };
+            let mut c = Chunk {
+                ids: Vec::with_capacity((hi - lo) * 32),
+                rows: Vec::with_capacity(hi - lo),
+            };
             let mut tmp = Vec::new();
             for r in lo..hi {
                 let start = c.ids.len();
@@ -675,10 +740,17 @@ impl WordPiece {
                 let mut s = Scratch::default();
                 starts.iter().map(|&lo| encode_chunk(lo, &mut s)).collect()
             } else {
-                starts.par_iter().map_init(Scratch::default, |s, &lo| encode_chunk(lo, s)).collect()
+                starts
+                    .par_iter()
+                    .map_init(Scratch::default, |s, &lo| encode_chunk(lo, s))
+                    .collect()
             }
         };
-        let pool = if threads == 1 { None } else { Some(crate::pool::pool(threads)) };
+        let pool = if threads == 1 {
+            None
+        } else {
+            Some(crate::pool::pool(threads))
+        };
         let chunks = match &pool {
             Some(p) => p.install(run_phase1),
             None => run_phase1(),
@@ -696,7 +768,9 @@ impl WordPiece {
             Some(ml) if opts.pad_to_max_length => ml.max(longest),
             _ => longest,
         };
-        let total = n.checked_mul(cols).ok_or_else(|| Error::InvalidArgument("batch too large".into()))?;
+        let total = n
+            .checked_mul(cols)
+            .ok_or_else(|| Error::InvalidArgument("batch too large".into()))?;
         let mut batch = Batch {
             rows: n,
             cols,
@@ -712,7 +786,11 @@ impl WordPiece {
             for (k, &(start, na, nb)) in c.rows.iter().enumerate() {
                 let (start, na, nb) = (start as usize, na as usize, nb as usize);
                 let row = k * cols..(k + 1) * cols;
-                let (ids, types, mask) = (&mut ids[row.clone()], &mut types[row.clone()], &mut mask[row]);
+                let (ids, types, mask) = (
+                    &mut ids[row.clone()],
+                    &mut types[row.clone()],
+                    &mut mask[row],
+                );
                 ids[0] = cls;
                 for (d, &v) in ids[1..1 + na].iter_mut().zip(&c.ids[start..start + na]) {
                     *d = v as i64;
@@ -720,7 +798,10 @@ impl WordPiece {
                 ids[1 + na] = sep;
                 let mut len = 2 + na;
                 if is_pair {
-                    for (d, &v) in ids[len..len + nb].iter_mut().zip(&c.ids[start + na..start + na + nb]) {
+                    for (d, &v) in ids[len..len + nb]
+                        .iter_mut()
+                        .zip(&c.ids[start + na..start + na + nb])
+                    {
                         *d = v as i64;
                     }
                     ids[len + nb] = sep;
@@ -732,8 +813,11 @@ impl WordPiece {
         };
         // Split the outputs into the row ranges of the chunks.
         let mut parts = Vec::with_capacity(chunks.len());
-        let (mut ids, mut types, mut mask) =
-            (&mut batch.input_ids[..], &mut batch.token_type_ids[..], &mut batch.attention_mask[..]);
+        let (mut ids, mut types, mut mask) = (
+            &mut batch.input_ids[..],
+            &mut batch.token_type_ids[..],
+            &mut batch.attention_mask[..],
+        );
         for c in &chunks {
             let len = c.rows.len() * cols;
             let (a, ra) = std::mem::take(&mut ids).split_at_mut(len);
@@ -743,7 +827,11 @@ impl WordPiece {
             (ids, types, mask) = (ra, rb, rm);
         }
         match &pool {
-            Some(p) => p.install(|| parts.into_par_iter().for_each(|(c, a, b, m)| fill(c, a, b, m))),
+            Some(p) => p.install(|| {
+                parts
+                    .into_par_iter()
+                    .for_each(|(c, a, b, m)| fill(c, a, b, m))
+            }),
             None => parts.into_iter().for_each(|(c, a, b, m)| fill(c, a, b, m)),
         }
         Ok(batch)
@@ -868,7 +956,8 @@ mod tests {
 
     #[test]
     fn long_words_are_unk() {
-        let w = WordPiece::from_vocab_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n##a\n", true, None).unwrap();
+        let w =
+            WordPiece::from_vocab_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\na\n##a\n", true, None).unwrap();
         assert_eq!(w.encode_text(&"a".repeat(100)).len(), 100);
         assert_eq!(w.tokenize(&"a".repeat(101)), ["[UNK]"]);
         // The limit counts characters after normalization (NFD grows "á" to two).
@@ -881,7 +970,10 @@ mod tests {
         assert_eq!(w.words("Café"), ["cafe"]);
         assert_eq!(w.words("cafe\u{301}s"), ["cafes"]);
         assert_eq!(w.words("a中b"), ["a", "中", "b"]);
-        assert_eq!(w.words("hel\u{0}lo hel\u{200B}lo hel\u{FFFD}lo hel\u{7}lo"), ["hello"; 4]);
+        assert_eq!(
+            w.words("hel\u{0}lo hel\u{200B}lo hel\u{FFFD}lo hel\u{7}lo"),
+            ["hello"; 4]
+        );
         assert_eq!(w.words("a\u{a0}b\u{2028}c\u{85}d\u{b}e"), ["a", "b", "cde"]);
         assert_eq!(w.words("a\u{a0}b\u{2028}c\u{85}d"), ["a", "b", "cd"]);
         assert_eq!(w.words("x\u{b}y\u{c}z"), ["xyz"]);
@@ -918,14 +1010,80 @@ mod tests {
     #[test]
     fn special_tokens_in_text_are_kept_whole() {
         let w = wp();
-        assert_eq!(toks(&w, "hello[SEP]world [MASK]"), ["hello", "[SEP]", "world", "[MASK]"]);
+        assert_eq!(
+            toks(&w, "hello[SEP]world [MASK]"),
+            ["hello", "[SEP]", "world", "[MASK]"]
+        );
         assert_eq!(toks(&w, "[sep]"), ["[", "[UNK]", "]"]);
         assert_eq!(w.words("a[CLS]b"), ["a", "[CLS]", "b"]);
     }
 
     #[test]
+    fn piece_map_finds_exactly_its_keys() {
+        // Keys of every length up to 20 (past the 16-byte inline limit), with
+        // zero bytes and high bytes, plus every proper prefix as a non-key.
+        let mut keys: Vec<Vec<u8>> = Vec::new();
+        for len in 0..=20u8 {
+            keys.push(
+                (0..len)
+                    .map(|i| i.wrapping_mul(37).wrapping_add(len))
+                    .collect(),
+            );
+            keys.push(
+                (0..len)
+                    .map(|i| if i % 3 == 0 { 0 } else { 200 + i })
+                    .collect(),
+            );
+            keys.push(vec![b'a'; len as usize]);
+        }
+        keys.sort();
+        keys.dedup();
+        let map = PieceMap::new(keys.iter().enumerate().map(|(i, k)| (&k[..], i as u32)));
+        assert_eq!(map.max_len, 20);
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(map.get(k), Some(i as u32), "{k:?}");
+            let mut other = k.clone();
+            other.push(7);
+            assert_eq!(
+                map.get(&other),
+                keys.binary_search(&other).ok().map(|j| j as u32)
+            );
+        }
+        // Same bytes, different lengths (trailing zeros) are different keys.
+        let z = PieceMap::new([(&b"a"[..], 1), (&b"a\0"[..], 2)].into_iter());
+        assert_eq!(
+            (z.get(b"a"), z.get(b"a\0"), z.get(b"a\0\0")),
+            (Some(1), Some(2), None)
+        );
+    }
+
+    #[test]
+    fn load16_reads_exactly_the_key_bytes() {
+        let buf: Vec<u8> = (1..=32).collect();
+        for start in 0..8 {
+            for len in 0..=16 {
+                let key = &buf[start..start + len];
+                let mut want = [0u8; 16];
+                want[..len].copy_from_slice(key);
+                let (lo, hi) = load16(key);
+                assert_eq!(
+                    lo,
+                    u64::from_le_bytes(want[..8].try_into().unwrap()),
+                    "{start} {len}"
+                );
+                assert_eq!(
+                    hi,
+                    u64::from_le_bytes(want[8..].try_into().unwrap()),
+                    "{start} {len}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn vocab_parsing_and_errors() {
-        let w = WordPiece::from_vocab_text("[PAD]\r\n[UNK]  \n[CLS]\n[SEP]\nx\nx\n", true, None).unwrap();
+        let w = WordPiece::from_vocab_text("[PAD]\r\n[UNK]  \n[CLS]\n[SEP]\nx\nx\n", true, None)
+            .unwrap();
         assert_eq!(w.vocab_size(), 6);
         assert_eq!(w.token_to_id("[UNK]"), Some(1));
         assert_eq!(w.token_to_id("x"), Some(5)); // the last of a repeated token
@@ -982,12 +1140,22 @@ mod tests {
     #[test]
     fn batch_matches_single_encodes_for_every_thread_count() {
         let w = wp();
-        let texts: Vec<String> = (0..300).map(|i| "hello world ".repeat(i % 7) + "unaffable").collect();
+        let texts: Vec<String> = (0..300)
+            .map(|i| "hello world ".repeat(i % 7) + "unaffable")
+            .collect();
         let pairs: Vec<String> = (0..300).map(|i| "a b ".repeat(i % 5)).collect();
         let t: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
         let p: Vec<&str> = pairs.iter().map(|s| s.as_str()).collect();
-        for (pairs, max_length, pad) in [(None, None, false), (Some(&p[..]), Some(9), false), (Some(&p[..]), Some(40), true)] {
-            let opts = BatchOptions { max_length, truncation: true, pad_to_max_length: pad };
+        for (pairs, max_length, pad) in [
+            (None, None, false),
+            (Some(&p[..]), Some(9), false),
+            (Some(&p[..]), Some(40), true),
+        ] {
+            let opts = BatchOptions {
+                max_length,
+                truncation: true,
+                pad_to_max_length: pad,
+            };
             let one = w.encode_batch(&t, pairs, opts, 1).unwrap();
             let two = w.encode_batch(&t, pairs, opts, 2).unwrap();
             assert_eq!(one, two);
@@ -998,16 +1166,44 @@ mod tests {
             for r in 0..300 {
                 let (ids, types) = w.encode(t[r], pairs.map(|p| p[r]), max_length).unwrap();
                 let row = &one.input_ids[r * one.cols..(r + 1) * one.cols];
-                assert_eq!(&row[..ids.len()], ids.iter().map(|&x| x as i64).collect::<Vec<_>>());
+                assert_eq!(
+                    &row[..ids.len()],
+                    ids.iter().map(|&x| x as i64).collect::<Vec<_>>()
+                );
                 assert!(row[ids.len()..].iter().all(|&x| x == 0));
                 let trow = &one.token_type_ids[r * one.cols..(r + 1) * one.cols];
-                assert_eq!(&trow[..ids.len()], types.iter().map(|&x| x as i64).collect::<Vec<_>>());
+                assert_eq!(
+                    &trow[..ids.len()],
+                    types.iter().map(|&x| x as i64).collect::<Vec<_>>()
+                );
                 let mrow = &one.attention_mask[r * one.cols..(r + 1) * one.cols];
                 assert_eq!(mrow.iter().sum::<i64>(), ids.len() as i64);
             }
         }
-        let empty = w.encode_batch(&[], None, BatchOptions { max_length: None, truncation: true, pad_to_max_length: false }, 2).unwrap();
+        let empty = w
+            .encode_batch(
+                &[],
+                None,
+                BatchOptions {
+                    max_length: None,
+                    truncation: true,
+                    pad_to_max_length: false,
+                },
+                2,
+            )
+            .unwrap();
         assert_eq!((empty.rows, empty.cols), (0, 0));
-        assert!(w.encode_batch(&t, Some(&p[..3]), BatchOptions { max_length: None, truncation: true, pad_to_max_length: false }, 2).is_err());
+        assert!(w
+            .encode_batch(
+                &t,
+                Some(&p[..3]),
+                BatchOptions {
+                    max_length: None,
+                    truncation: true,
+                    pad_to_max_length: false
+                },
+                2
+            )
+            .is_err());
     }
 }

@@ -383,6 +383,19 @@ def test_num_threads(model_dir, files):
         two.num_threads = 0
 
 
+def test_concurrent_calls_from_python_threads(tok, files):
+    """The GIL is released during batch work; calls from several threads stay correct."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    texts = [s for _, singles, pairs in files for s in (singles or pairs[0])[:300]]
+    chunks = [texts[i::4] for i in range(4)]
+    want = [tok.encode_batch(c, max_length=48).input_ids for c in chunks]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda c: tok.encode_batch(c, max_length=48).input_ids, chunks * 3))
+    for k, g in enumerate(got):
+        np.testing.assert_array_equal(g, want[k % 4])
+
+
 # ---------------------------------------------------------------------------
 # (4) Errors
 # ---------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def _check_text(value, what: str) -> str:
     return value
 
 
-def _check_texts(values, what: str) -> Sequence[str]:
+def _check_texts(values, what: str, check_items: bool) -> Sequence[str]:
     if isinstance(values, (str, bytes)):
         raise TypeError(f"{what} must be a list of str, not a single {type(values).__name__}")
     if not isinstance(values, (list, tuple)):
@@ -54,9 +54,10 @@ def _check_texts(values, what: str) -> Sequence[str]:
             values = list(values)
         except TypeError:
             raise TypeError(f"{what} must be a list of str, not {type(values).__name__}") from None
-    for i, v in enumerate(values):
-        if not isinstance(v, str):
-            raise TypeError(f"{what}[{i}] must be str, not {type(v).__name__}")
+    if check_items:  # the native core checks items itself, with the same message
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                raise TypeError(f"{what}[{i}] must be str, not {type(v).__name__}")
     return values
 
 
@@ -255,9 +256,10 @@ class WordPieceTokenizer:
             "longest" pads to the longest row of the batch. Default: "max_length"
             when max_length is given, else "longest".
         """
-        texts = _check_texts(texts, "texts")
+        check_items = self._backend != "native"
+        texts = _check_texts(texts, "texts", check_items)
         if pairs is not None:
-            pairs = _check_texts(pairs, "pairs")
+            pairs = _check_texts(pairs, "pairs", check_items)
             if len(pairs) != len(texts):
                 raise ValueError(f"texts and pairs differ in length ({len(texts)} and {len(pairs)})")
         if padding is None:
