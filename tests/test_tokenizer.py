@@ -322,6 +322,23 @@ def test_hypothesis_cased(cased, text):
             assert t.encode(text) == want, (backend, strip_accents)
 
 
+def test_vocab_file_quirks_read_like_reference(tmp_path, vocab_path):
+    """CRLF line ends, trailing spaces and a repeated token (the last id wins), as the reference reads them."""
+    tokens = vocab_path.read_text(encoding="utf-8").split("\n")[:-1]
+    tokens[2000] += "  "  # "the" with trailing spaces
+    tokens.append("hello")  # a second "hello": the new id wins
+    path = tmp_path / "vocab.txt"
+    path.write_bytes("\r\n".join(tokens).encode("utf-8"))  # no final newline either
+    ref = _reference(path)
+    text = "hello, the world [SEP] unaffable"
+    for backend in BACKENDS:
+        t = WordPieceTokenizer.from_file(path, backend=backend)
+        want = ref.encode(text).ids
+        assert t.encode(text) == want, backend
+        assert want[:5] == [101, len(tokens) - 1, 1010, 1996, 2088]
+        assert t.vocab_size == len(tokens)
+
+
 # ---------------------------------------------------------------------------
 # API details
 # ---------------------------------------------------------------------------
@@ -368,6 +385,18 @@ def test_decode_matches_reference(tok, hf, files):
         assert tok.decode(ids) == hf.decode(ids, skip_special_tokens=False)
         assert tok.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
     assert tok.decode(np.array([101, 7592, 102])) == "[CLS] hello [SEP]"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pickle_round_trip(model_dir, backend):
+    """Spawn-started DataLoader workers receive the tokenizer by pickle."""
+    import pickle
+
+    t = WordPieceTokenizer.from_pretrained(model_dir, num_threads=1, backend=backend)
+    u = pickle.loads(pickle.dumps(t))
+    assert (u.vocab_path, u.num_threads, u.backend, u.lowercase) == (t.vocab_path, 1, backend, True)
+    assert u.encode("Pickled naïve text", "pair") == t.encode("Pickled naïve text", "pair")
+    assert u.decode(u.encode("a b")) == "[CLS] a b [SEP]"
 
 
 def test_num_threads(model_dir, files):

@@ -94,25 +94,38 @@ class WordPieceTokenizer:
             raise FileNotFoundError(f"vocab file {str(path)!r} does not exist" if not path.exists()
                                     else f"vocab path {str(path)!r} is not a file")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_bytes().decode("utf-8")  # bytes as they are: no newline translation
         except UnicodeDecodeError as exc:
             raise ValueError(f"vocab file {str(path)!r} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        try:
+            self._setup(text, lowercase, strip_accents, backend)
+        except ValueError as exc:
+            raise ValueError(f"vocab file {str(path)!r}: {exc}") from None
+        self._vocab_path = path
+        self.num_threads = num_threads
+
+    def _setup(self, vocab_text: str, lowercase, strip_accents, backend: str) -> None:
         if backend == "native":
             from mtbert._native import _WordPiece as impl
         else:
             from mtbert._wordpiece_py import PyWordPiece as impl
-        try:
-            self._impl = impl(text, bool(lowercase), None if strip_accents is None else bool(strip_accents))
-        except ValueError as exc:
-            raise ValueError(f"vocab file {str(path)!r}: {exc}") from None
-        self._vocab_path = path
+        strip_accents = None if strip_accents is None else bool(strip_accents)
+        self._impl = impl(vocab_text, bool(lowercase), strip_accents)
         self._backend = backend
-        self.num_threads = num_threads
-        self._tokens: Optional[list[str]] = None
+        # Kept for pickling (spawn-started DataLoader workers): the vocab travels with the object.
+        self._init_args = (vocab_text, bool(lowercase), strip_accents, backend)
+        self._tokens: Optional[list[str]] = None  # id -> token, built on first use
         self._special_ids = frozenset(
-            i for i in (self._impl.token_to_id(t) for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"))
-            if i is not None
+            i for i in map(self._impl.token_to_id, ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")) if i is not None
         )
+
+    def __getstate__(self) -> dict:
+        return {"init_args": self._init_args, "vocab_path": self._vocab_path, "num_threads": self._num_threads}
+
+    def __setstate__(self, state: dict) -> None:
+        self._setup(*state["init_args"])
+        self._vocab_path = state["vocab_path"]
+        self.num_threads = state["num_threads"]
 
     # -- construction -------------------------------------------------------
     @classmethod
