@@ -730,7 +730,7 @@ impl WordPiece {
                     na = truncated_lengths(na, 0, ml, false).0;
                     c.ids.truncate(start + na);
                 }
-                c.rows.push((start as u32, na as u32, nb as u32));
+                c.rows.push((start, na, nb));
             }
             c
         };
@@ -761,7 +761,7 @@ impl WordPiece {
         let longest = chunks
             .iter()
             .flat_map(|c| c.rows.iter())
-            .map(|&(_, na, nb)| (na + nb) as usize + extra)
+            .map(|&(_, na, nb)| na + nb + extra)
             .max()
             .unwrap_or(0);
         let cols = match opts.max_length {
@@ -784,7 +784,6 @@ impl WordPiece {
         let (cls, sep) = (self.cls as i64, self.sep as i64);
         let fill = |c: &Chunk, ids: &mut [i64], types: &mut [i64], mask: &mut [i64]| {
             for (k, &(start, na, nb)) in c.rows.iter().enumerate() {
-                let (start, na, nb) = (start as usize, na as usize, nb as usize);
                 let row = k * cols..(k + 1) * cols;
                 let (ids, types, mask) = (
                     &mut ids[row.clone()],
@@ -842,7 +841,7 @@ impl WordPiece {
 /// (offset, length of a, length of b) after truncation.
 struct Chunk {
     ids: Vec<u32>,
-    rows: Vec<(u32, u32, u32)>,
+    rows: Vec<(usize, usize, usize)>,
 }
 
 fn check_max_length(max_length: Option<usize>, is_pair: bool) -> Result<(), Error> {
