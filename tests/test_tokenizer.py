@@ -189,7 +189,8 @@ _INTERESTING = st.one_of(
     st.characters(min_codepoint=0x300, max_codepoint=0x36F),  # combining marks
     st.sampled_from(["\U0001d165", "\U0001d16d", "\u0345", "\u05b0", "\U00011938"]),
     st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF),  # CJK
-    st.characters(min_codepoint=0x20000, max_codepoint=0x2FA1F),  # CJK extension planes
+    st.characters(min_codepoint=0x20000, max_codepoint=0x2FA1F),  # CJK extensions B-F, compatibility
+    st.characters(min_codepoint=0x30000, max_codepoint=0x323AF),  # CJK extensions G, H (not spaced by the reference)
     st.characters(min_codepoint=0x1F300, max_codepoint=0x1FAFF),  # emoji
     st.characters(min_codepoint=0, max_codepoint=0x1F),  # C0 controls
     st.characters(min_codepoint=0x7F, max_codepoint=0x9F),  # DEL, C1 controls
