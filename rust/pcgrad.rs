@@ -12,8 +12,9 @@
 //! 1. [`gram`]: one fused, parallel pass computes all `T(T+1)/2` dot products. Within a
 //!    block of at most 1024 columns the products are summed in 32 float32 lanes (a lane
 //!    sums at most 32 products), the lanes are folded by a tree, and the block sum is
-//!    added to a float64 accumulator; per-chunk partials are summed in chunk order, so the
-//!    result is bit-for-bit independent of the thread count.
+//!    added to a float64 accumulator. Each parallel work item (a run of 16K-column chunks
+//!    fixed by P alone) keeps its own float64 partials, summed in item order at the end, so
+//!    the result is bit-for-bit independent of the thread count.
 //! 2. [`coefficients`]: the T x T algebra in float64 (no P-sized work).
 //! 3. [`combine_into`]: one parallel pass writes `out[p] = sum_k w_k g_k[p]` (float64
 //!    accumulation per element, one rounding to float32), `w` = column sums of `C`
@@ -31,8 +32,10 @@
 use rayon::prelude::*;
 use std::fmt;
 
-/// Columns per parallel work item: T x 16K float32 (192 KiB for T = 3) per chunk.
+/// Columns per chunk, the unit of parallel work: T x 16K float32 (192 KiB for T = 3).
 const CHUNK: usize = 16 * 1024;
+/// At most this many Gram work items (each a run of chunks with its own partial sums).
+const MAX_ITEMS: usize = 256;
 /// float32 lanes of a block dot product (4 AVX registers, 8 SSE registers).
 const LANES: usize = 32;
 /// Columns per block of the portable combine: its float64 accumulator (2 KiB) stays in L1.
@@ -337,6 +340,16 @@ mod simd {
         total
     }
 
+    /// One column in float64 (the tails of the vector loops).
+    #[inline(always)]
+    unsafe fn combine_column(rows: &[&[f32]], weights: &[f64], i: usize) -> f32 {
+        let mut a = 0.0f64;
+        for (row, &w) in rows.iter().zip(weights) {
+            a += w * *row.get_unchecked(i) as f64;
+        }
+        a as f32
+    }
+
     /// `out[i] = sum_k weights[k] * rows[k][i]`: 8 columns at a time, float64 accumulation
     /// (two 4-lane registers), one rounding to float32.
     #[target_feature(enable = "avx2,fma")]
@@ -358,11 +371,7 @@ mod simd {
             i += 8;
         }
         while i < n {
-            let mut a = 0.0f64;
-            for (row, &w) in rows.iter().zip(weights) {
-                a = w.mul_add(*row.get_unchecked(i) as f64, a);
-            }
-            *po.add(i) = a as f32;
+            *po.add(i) = combine_column(rows, weights, i);
             i += 1;
         }
     }
@@ -387,11 +396,7 @@ mod simd {
             i += 4;
         }
         while i < n {
-            let mut a = 0.0f64;
-            for (row, &w) in rows.iter().zip(weights) {
-                a += w * *row.get_unchecked(i) as f64;
-            }
-            *po.add(i) = a as f32;
+            *po.add(i) = combine_column(rows, weights, i);
             i += 1;
         }
     }
@@ -437,11 +442,11 @@ impl Kernels {
         }
     }
 
-    #[inline]
     fn combine(self, rows: &[&[f32]], weights: &[f64], out: &mut [f32]) {
+        assert!(rows.iter().all(|r| r.len() >= out.len()) && weights.len() == rows.len());
         match self {
-            // SAFETY: as in `block_dot`; the kernels read `rows[k][..out.len()]` only, and
-            // the caller passes rows at least that long.
+            // SAFETY: as in `block_dot`; the kernels read `rows[k][..out.len()]` only
+            // (checked just above) and write `out[..out.len()]`.
             #[cfg(target_arch = "x86_64")]
             Kernels::Avx2Fma => unsafe { simd::combine_avx2(rows, weights, out) },
             #[cfg(target_arch = "x86_64")]
@@ -538,29 +543,30 @@ fn gram_f64(grads: &[f32], tasks: usize, p: usize) -> Vec<f64> {
 pub fn gram(grads: &[f32], tasks: usize, threads: usize) -> Result<Vec<f64>, PcgradError> {
     let p = rows_of(grads, tasks)?;
     let pairs = tasks * (tasks + 1) / 2;
+    // Work items of whole chunks, at most MAX_ITEMS of them (so the partials stay small
+    // for large T); the split depends on P only, never on the thread count.
     let chunks = p.div_ceil(CHUNK);
-    let mut partials = vec![0.0f64; chunks * pairs];
+    let item = chunks.div_ceil(MAX_ITEMS).max(1) * CHUNK; // columns per work item
+    let items = p.div_ceil(item);
+    let mut partials = vec![0.0f64; items * pairs];
     let kernels = Kernels::detect();
-    if chunks > 0 {
+    if items > 0 {
         crate::pool::pool(threads).install(|| {
             partials
                 .par_chunks_mut(pairs)
                 .enumerate()
-                .for_each(|(c, partial)| {
-                    let start = c * CHUNK;
-                    gram_chunk(
-                        kernels,
-                        grads,
-                        tasks,
-                        p,
-                        start,
-                        (start + CHUNK).min(p),
-                        partial,
-                    );
+                .for_each(|(n, partial)| {
+                    let end = ((n + 1) * item).min(p);
+                    let mut start = n * item;
+                    while start < end {
+                        let stop = (start + CHUNK).min(end);
+                        gram_chunk(kernels, grads, tasks, p, start, stop, partial);
+                        start = stop;
+                    }
                 });
         });
     }
-    // Sum the chunks in order: the result does not depend on the scheduling.
+    // Sum the items in order: the result does not depend on the scheduling.
     let mut packed = vec![0.0f64; pairs];
     for partial in partials.chunks_exact(pairs) {
         for (acc, v) in packed.iter_mut().zip(partial) {
@@ -1003,6 +1009,16 @@ mod tests {
         for kernels in Kernels::available() {
             let mut out = vec![0.0f32; p];
             kernels.combine(&rows, &weights, &mut out);
+            // An unaligned start.
+            let mut shifted = vec![0.0f32; p];
+            let short: Vec<&[f32]> = rows.iter().map(|r| &r[1..]).collect();
+            kernels.combine(&short, &weights, &mut shifted[1..]);
+            for (a, b) in shifted[1..].iter().zip(&want[1..]) {
+                assert!(
+                    (*a as f64 - b).abs() <= 1e-7 * b.abs().max(1e-3),
+                    "{kernels:?}"
+                );
+            }
             for (a, b) in out.iter().zip(&want) {
                 assert!(
                     (*a as f64 - b).abs() <= 1e-7 * b.abs().max(1e-3),
