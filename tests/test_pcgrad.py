@@ -547,8 +547,20 @@ def test_wrapper_argument_checks():
         PCGrad(shared, backend="cuda")
     with pytest.raises(ValueError, match="reduction"):
         PCGrad(shared, reduction="median")
-    with pytest.raises(ValueError, match="empty"):
-        PCGrad([])
     frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
-    with pytest.raises(ValueError, match="requires_grad"):
-        PCGrad([frozen])
+    for params in ([], [frozen]):
+        with pytest.raises(ValueError, match="requires_grad=True"):
+            PCGrad(params)
+    with pytest.raises(ValueError, match="must hold tensors"):
+        PCGrad([1.0])
+
+
+def test_wrapper_skips_frozen_parameters():
+    model = TinyMultiTask()
+    model.extra.weight.requires_grad_(False)
+    pc = PCGrad(model.parameters(), seed=0, num_tasks=3)  # heads shared too, here
+    assert all(p is not model.extra.weight for p in pc.shared)
+    x, targets = batch(0)
+    pc.backward(model.losses(x, targets))
+    assert model.extra.weight.grad is None
+    assert model.encoder.weight.grad is not None

@@ -350,11 +350,14 @@ def gradient_conflicts(grads: Union[Tensor, np.ndarray], *, num_threads: int = 0
 # --------------------------------------------------------------------------------------
 
 
-def _unique(params) -> list[Tensor]:
+def _trainable(params, what: str) -> list[Tensor]:
+    """Tensors that require grad, each once, in order; frozen ones are left out."""
     seen: set[int] = set()
     result = []
     for p in params:
-        if id(p) not in seen:
+        if not isinstance(p, Tensor):
+            raise ValueError(f"{what} must hold tensors, got {type(p).__name__}")
+        if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             result.append(p)
     return result
@@ -381,6 +384,7 @@ class PCGrad:
     ``backward`` shows that step's values. Other dtypes get a ``.grad`` of their own
     dtype, copied into. The buffer is float32 whatever the parameters' dtype.
 
+    Parameters with ``requires_grad=False`` are left out (and their ``.grad`` untouched).
     ``num_tasks`` sizes the buffer when ``task_params`` is not given; without either the
     buffer is allocated at the first ``backward``.
     """
@@ -396,12 +400,9 @@ class PCGrad:
         backend: str = "auto",
         num_tasks: Optional[int] = None,
     ):
-        self.shared = _unique(shared_params)
+        self.shared = _trainable(shared_params, "shared_params")
         if not self.shared:
-            raise ValueError("shared_params is empty")
-        for p in self.shared:
-            if not isinstance(p, Tensor) or not p.requires_grad:
-                raise ValueError("every shared parameter must be a tensor with requires_grad=True")
+            raise ValueError("shared_params holds no parameter with requires_grad=True")
         devices = {p.device for p in self.shared}
         if len(devices) != 1:
             raise ValueError(f"shared parameters must be on one device, got {sorted(map(str, devices))}")
@@ -409,7 +410,7 @@ class PCGrad:
 
         self.task_params: Optional[list[list[Tensor]]] = None
         if task_params is not None:
-            self.task_params = [_unique(ps) for ps in task_params]
+            self.task_params = [_trainable(ps, f"task_params[{i}]") for i, ps in enumerate(task_params)]
             owner: dict[int, str] = {id(p): "the shared parameters" for p in self.shared}
             for i, ps in enumerate(self.task_params):
                 for p in ps:
