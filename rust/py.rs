@@ -7,6 +7,304 @@
 use pyo3::prelude::*;
 
 // ==== PCGrad binding (owned by the PCGrad work) ====
+// In its own module so that its `use` lines never collide with another section's.
+mod pcgrad_binding {
+    use crate::pcgrad::{self as core, PcgradError, Reduction};
+    use numpy::{
+        PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray,
+        PyUntypedArrayMethods,
+    };
+    use pyo3::exceptions::{PyRuntimeError, PyValueError};
+    use pyo3::prelude::*;
+    use std::hash::BuildHasher;
+    use std::ops::Range;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    fn value_error(e: PcgradError) -> PyErr {
+        PyValueError::new_err(e.to_string())
+    }
+
+    /// Runs `f` with the GIL released; a panic becomes a `RuntimeError`, never an abort.
+    fn detached<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, what: &str, f: F) -> PyResult<T> {
+        py.detach(|| catch_unwind(AssertUnwindSafe(f)))
+            .map_err(|payload| {
+                let msg = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".to_string());
+                PyRuntimeError::new_err(format!("internal error in mtbert._native.{what}: {msg}"))
+            })
+    }
+
+    fn type_name(obj: &Bound<'_, PyAny>) -> String {
+        obj.get_type()
+            .name()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|_| "?".to_string())
+    }
+
+    /// `obj` as a numpy array with `ndim` dimensions, dtype `T` (native byte order),
+    /// C-contiguous and aligned; `name` and `shape` (e.g. "(T, P)") go into the messages.
+    fn checked_array<'py, T: numpy::Element>(
+        obj: &Bound<'py, PyAny>,
+        name: &str,
+        ndim: usize,
+        shape: &str,
+        dtype: &str,
+    ) -> PyResult<Bound<'py, PyUntypedArray>> {
+        let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
+            PyValueError::new_err(format!(
+                "{name} must be a numpy.ndarray of {dtype} with shape {shape}, got {} \
+                 (use tensor.numpy() for a CPU torch tensor)",
+                type_name(obj)
+            ))
+        })?;
+        if arr.ndim() != ndim {
+            return Err(PyValueError::new_err(format!(
+                "{name} must have {ndim} dimension(s) {shape}, got shape {:?}",
+                arr.shape()
+            )));
+        }
+        if !arr.dtype().is_equiv_to(&numpy::dtype::<T>(obj.py())) {
+            return Err(PyValueError::new_err(format!(
+                "{name} must have dtype {dtype} (native byte order), got {}",
+                arr.dtype()
+            )));
+        }
+        if !arr.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "{name} must be C-contiguous (use numpy.ascontiguousarray or tensor.contiguous())"
+            )));
+        }
+        if !arr.is_aligned() {
+            return Err(PyValueError::new_err(format!("{name} must be aligned")));
+        }
+        Ok(arr.clone())
+    }
+
+    fn byte_range<T: numpy::Element, D: numpy::ndarray::Dimension>(
+        arr: &Bound<'_, numpy::PyArray<T, D>>,
+    ) -> Range<usize> {
+        let start = arr.data() as usize;
+        start..start + arr.len() * std::mem::size_of::<T>()
+    }
+
+    fn overlaps(a: &Range<usize>, b: &Range<usize>) -> bool {
+        a.start < b.end && b.start < a.end
+    }
+
+    /// The (T, T) order: an integer array-like, entries in [0, T).
+    fn checked_order(
+        py: Python<'_>,
+        order: &Bound<'_, PyAny>,
+        tasks: usize,
+    ) -> PyResult<Vec<usize>> {
+        let np = py.import("numpy")?;
+        let arr = np.call_method1("asarray", (order,)).map_err(|e| {
+            PyValueError::new_err(format!(
+                "order must be an integer array of shape ({tasks}, {tasks}): {e}"
+            ))
+        })?;
+        let untyped = arr.cast::<PyUntypedArray>()?;
+        let kind = untyped.dtype().kind();
+        if kind != b'i' && kind != b'u' {
+            return Err(PyValueError::new_err(format!(
+                "order must be an integer array, got dtype {}",
+                untyped.dtype()
+            )));
+        }
+        if untyped.shape() != [tasks, tasks] {
+            return Err(PyValueError::new_err(format!(
+                "order must have shape ({tasks}, {tasks}), got {:?}",
+                untyped.shape()
+            )));
+        }
+        let arr = np.call_method1("ascontiguousarray", (arr, "int64"))?;
+        let arr = arr.cast::<PyArray2<i64>>()?;
+        let values = arr
+            .to_vec()
+            .map_err(|e| PyValueError::new_err(format!("order: {e}")))?;
+        core::checked_orders(&values, tasks).map_err(value_error)
+    }
+
+    fn checked_seed(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
+        seed.extract::<u64>().map_err(|_| {
+            PyValueError::new_err(format!("seed must be an integer in [0, 2**64), got {seed}"))
+        })
+    }
+
+    fn checked_threads(num_threads: i64) -> PyResult<usize> {
+        usize::try_from(num_threads).map_err(|_| {
+            PyValueError::new_err(format!(
+                "num_threads must be >= 0 (0: all cores), got {num_threads}"
+            ))
+        })
+    }
+
+    /// PCGrad of the (T, P) float32 `grads`; see `_native.pyi`.
+    #[pyfunction]
+    #[pyo3(signature = (grads, *, order=None, seed=None, reduction="mean", eps=1e-12, out=None, num_threads=0, gram_out=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn pcgrad<'py>(
+        py: Python<'py>,
+        grads: &Bound<'py, PyAny>,
+        order: Option<&Bound<'py, PyAny>>,
+        seed: Option<&Bound<'py, PyAny>>,
+        reduction: &str,
+        eps: f64,
+        out: Option<&Bound<'py, PyAny>>,
+        num_threads: i64,
+        gram_out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        // 1. Checks and extraction, holding the GIL.
+        let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
+        let (tasks, p) = (untyped.shape()[0], untyped.shape()[1]);
+        if tasks < 1 {
+            return Err(value_error(PcgradError::NoTasks));
+        }
+        let reduction = Reduction::parse(reduction).map_err(value_error)?;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(value_error(PcgradError::BadEps(eps)));
+        }
+        let threads = checked_threads(num_threads)?;
+        let orders = match (order, seed) {
+            (Some(order), _) => checked_order(py, order, tasks)?,
+            (None, Some(seed)) => core::random_orders(tasks, checked_seed(seed)?),
+            // No order and no seed: fresh orders from the standard library's random keys.
+            (None, None) => core::random_orders(tasks, std::hash::RandomState::new().hash_one(p)),
+        };
+        let grads_arr = untyped.cast::<PyArray2<f32>>()?;
+        let out_arr: Bound<'py, PyArray1<f32>> = match out {
+            Some(out) => {
+                let shape = format!("({p},)");
+                checked_array::<f32>(out, "out", 1, &shape, "float32")?;
+                let out = out.cast::<PyArray1<f32>>()?.clone();
+                if out.len() != p {
+                    return Err(value_error(PcgradError::OutLength {
+                        expected: p,
+                        got: out.len(),
+                    }));
+                }
+                if p > 0 && overlaps(&byte_range(&out), &byte_range(grads_arr)) {
+                    return Err(PyValueError::new_err("out must not overlap grads"));
+                }
+                out
+            }
+            None => PyArray1::<f32>::zeros(py, p, false),
+        };
+        let gram_arr = match gram_out {
+            Some(g) => {
+                let shape = format!("({tasks}, {tasks})");
+                checked_array::<f64>(g, "gram_out", 2, &shape, "float64")?;
+                let g = g.cast::<PyArray2<f64>>()?.clone();
+                if g.shape() != [tasks, tasks] {
+                    return Err(PyValueError::new_err(format!(
+                        "gram_out must have shape {shape}, got {:?}",
+                        g.shape()
+                    )));
+                }
+                Some(g)
+            }
+            None => None,
+        };
+        let grads_ro = grads_arr
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("grads: {e}")))?;
+        let mut out_rw = out_arr
+            .try_readwrite()
+            .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+        let grads_slice = grads_ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let out_slice = out_rw
+            .as_slice_mut()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+
+        // 2. The work, without the GIL.
+        let surgery = detached(py, "pcgrad", || {
+            core::pcgrad_into(
+                grads_slice,
+                tasks,
+                &orders,
+                reduction,
+                eps,
+                out_slice,
+                threads,
+            )
+        })?
+        .map_err(value_error)?;
+
+        // 3. Results.
+        if let Some(g) = gram_arr {
+            let mut rw = g
+                .try_readwrite()
+                .map_err(|e| PyValueError::new_err(format!("gram_out: {e}")))?;
+            rw.as_slice_mut()
+                .map_err(|e| PyValueError::new_err(e.to_string()))?
+                .copy_from_slice(&surgery.gram);
+        }
+        drop(out_rw);
+        Ok(out_arr.into_any())
+    }
+
+    type MatrixF64<'py> = Bound<'py, PyArray2<f64>>;
+
+    /// Gram and cosine matrices of the (T, P) float32 `grads`; see `_native.pyi`.
+    #[pyfunction]
+    #[pyo3(signature = (grads, *, num_threads=0))]
+    fn gradient_stats<'py>(
+        py: Python<'py>,
+        grads: &Bound<'py, PyAny>,
+        num_threads: i64,
+    ) -> PyResult<(MatrixF64<'py>, MatrixF64<'py>)> {
+        let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
+        let tasks = untyped.shape()[0];
+        if tasks < 1 {
+            return Err(value_error(PcgradError::NoTasks));
+        }
+        let threads = checked_threads(num_threads)?;
+        let ro = untyped
+            .cast::<PyArray2<f32>>()?
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("grads: {e}")))?;
+        let slice = ro
+            .as_slice()
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let gram = detached(py, "gradient_stats", || core::gram(slice, tasks, threads))?
+            .map_err(value_error)?;
+        let cos = core::cosine(&gram, tasks);
+        let to_array = |v: Vec<f64>| PyArray1::from_vec(py, v).reshape([tasks, tasks]);
+        Ok((to_array(gram)?, to_array(cos)?))
+    }
+
+    /// The (T, T) int64 orders that `pcgrad(..., seed=seed)` uses; see `_native.pyi`.
+    #[pyfunction]
+    fn pcgrad_orders<'py>(
+        py: Python<'py>,
+        num_tasks: i64,
+        seed: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray2<i64>>> {
+        let tasks = usize::try_from(num_tasks)
+            .ok()
+            .filter(|&t| t >= 1)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!("num_tasks must be >= 1, got {num_tasks}"))
+            })?;
+        let orders: Vec<i64> = core::random_orders(tasks, checked_seed(seed)?)
+            .into_iter()
+            .map(|v| v as i64)
+            .collect();
+        PyArray1::from_vec(py, orders).reshape([tasks, tasks])
+    }
+
+    pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(pcgrad, m)?)?;
+        m.add_function(wrap_pyfunction!(gradient_stats, m)?)?;
+        m.add_function(wrap_pyfunction!(pcgrad_orders, m)?)?;
+        Ok(())
+    }
+}
 // ==== end PCGrad binding ====
 
 // ==== WordPiece binding (owned by the tokenizer work) ====
@@ -298,6 +596,7 @@ mod wordpiece_binding {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // ==== PCGrad registrations ====
+    pcgrad_binding::register(m)?;
     // ==== end PCGrad registrations ====
     // ==== WordPiece registrations ====
     m.add_class::<wordpiece_binding::PyWordPiece>()?;

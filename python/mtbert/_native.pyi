@@ -1,7 +1,7 @@
-"""Type stubs of the private Rust extension `mtbert._native`."""
+"""Type stubs of the private Rust extension `mtbert._native` (rust/py.rs)."""
 
 from os import PathLike
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -52,3 +52,43 @@ class _WordPiece:
     def mask_id(self) -> Optional[int]: ...
 
 # ==== end WordPiece stubs ====
+
+# ==== PCGrad (rust/pcgrad.rs) ====
+
+def pcgrad(
+    grads: npt.NDArray[np.float32],
+    *,
+    order: Optional[npt.ArrayLike] = None,
+    seed: Optional[int] = None,
+    reduction: str = "mean",
+    eps: float = 1e-12,
+    out: Optional[npt.NDArray[np.float32]] = None,
+    num_threads: int = 0,
+    gram_out: Optional[npt.NDArray[np.float64]] = None,
+) -> npt.NDArray[np.float32]:
+    """PCGrad of ``grads`` (T, P), C-contiguous float32 (a CPU tensor's ``.numpy()``).
+
+    For each task i, for each j in ``order[i]``: if p_i · g_j < 0 then
+    p_i -= (p_i · g_j / (||g_j||^2 + eps)) g_j (p_i starts as g_i; g_j is always the
+    original). Returns the mean (or sum) of the p_i, shape (P,), float32; written into
+    ``out`` (returned) when given. ``order``: integer (T, T), entries in [0, T); without
+    it, orders come from ``seed`` (see ``pcgrad_orders``), or from fresh entropy when
+    ``seed`` is None too. ``gram_out``: optional (T, T) float64 array that receives the
+    Gram matrix computed on the way. ``num_threads=0`` uses all cores (or
+    MTBERT_NUM_THREADS). Runs without the GIL. Raises ValueError on NaN/inf in
+    ``grads``, a wrong dtype, ndim, shape or layout, T < 1, a bad ``order``, an unknown
+    reduction, a negative or non-finite ``eps``, or an unusable ``out``/``gram_out``.
+    """
+
+def gradient_stats(
+    grads: npt.NDArray[np.float32], *, num_threads: int = 0
+) -> Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(gram, cosine), both (T, T) float64: g_i · g_j and the cosines (0 for a zero
+    gradient), from one pass over ``grads`` (T, P) float32. Same checks as ``pcgrad``."""
+
+def pcgrad_orders(num_tasks: int, seed: int) -> npt.NDArray[np.int64]:
+    """The (T, T) orders ``pcgrad(..., seed=seed)`` uses: row i is a Fisher-Yates shuffle
+    of 0..T-1 from one splitmix64 stream seeded with ``seed`` (rows drawn in order).
+    ``mtbert.pcgrad.random_orders`` computes the same in Python."""
+
+# ==== end PCGrad ====
