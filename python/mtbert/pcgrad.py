@@ -459,6 +459,13 @@ class PCGrad:
             self._result_np = self.result.numpy()
             self._gram_np = np.empty((T, T), dtype=np.float64)
 
+    def state_dict(self) -> dict:
+        """The order generator's state (JSON-serializable), so a resumed run draws the same orders."""
+        return {"rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+
     def draw_orders(self, num_tasks: int) -> np.ndarray:
         """(T, T) int64: row i a permutation of the tasks, from this object's generator."""
         return np.stack([self._rng.permutation(num_tasks) for _ in range(num_tasks)]).astype(np.int64)

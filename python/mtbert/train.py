@@ -316,7 +316,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     # (5) resume: model, optimizer, RNG, samplers, step, best score
     step, best_score, best_step = 0, -math.inf, None
     if resume:
-        state = load_resume_state(out, model, optimizer, samplers)
+        state = load_resume_state(out, model, optimizer, samplers, surgery)
         step, best_score, best_step = state["step"], state["best_score"], state["best_step"]
         _say(f"resumed from {out / 'last'} at step {step}/{total_steps}")
     log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
@@ -395,7 +395,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                       "lr": cfg.lr * factor, "loss": mean_loss,
                       "examples_per_s": window["examples"] / elapsed}
             if stats is not None:
-                record["pcgrad"] = {"cosine": stats.cosine_list(), "conflicts": stats.conflicts,
+                record["pcgrad"] = {"cosine": stats.cosine.tolist(), "conflicts": stats.conflicts,
                                     "conflict_pairs": stats.conflict_pairs}
             log.write(record)
             bar.set_postfix({**{t: f"{v:.3f}" for t, v in mean_loss.items()},
@@ -403,7 +403,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
         elif stats is not None:
             # Conflict statistics are logged every step (they are cheap: a T x T matrix).
-            log.write({"type": "pcgrad", "step": step, "cosine": stats.cosine_list(),
+            log.write({"type": "pcgrad", "step": step, "cosine": stats.cosine.tolist(),
                        "conflicts": stats.conflicts, "conflict_pairs": stats.conflict_pairs})
 
         at_epoch_end = step % steps_per_epoch == 0
@@ -439,7 +439,7 @@ def compute_task_loss(model: MultitaskBert, task: str, batch, cfg: TrainConfig,
     return loss
 
 
-def load_resume_state(out: Path, model, optimizer, samplers) -> dict:
+def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[PCGrad]) -> dict:
     folder = ckpt.existing_folder(out / "last")
     if folder is None:
         raise ckpt.CheckpointError(f"nothing to resume: {out / 'last'} does not exist")
@@ -454,6 +454,8 @@ def load_resume_state(out: Path, model, optimizer, samplers) -> dict:
     ckpt.rng_from_tensors(state_tensors)
     for task, sampler in samplers.items():
         sampler.load_state_dict(info["samplers"][task])
+    if surgery is not None and info.get("pcgrad"):
+        surgery.load_state_dict(info["pcgrad"])
     return info
 
 
