@@ -14,6 +14,13 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    """Benchmarks run once, untimed, unless timing is asked for (--benchmark-only/-enable)."""
+    if not (config.getoption("benchmark_only", False) or config.getoption("benchmark_enable", False)):
+        config.option.benchmark_disable = True
+
+
 def _missing(reason: str):
     if IN_CI:
         pytest.fail(f"{reason} (CI=true: required, not skipped)")
