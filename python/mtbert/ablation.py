@@ -128,7 +128,7 @@ def write_table(rows: list[dict], path: Path, base: TrainConfig, seeds: int, bud
         f"{base.batch_size} per task, at most {base.train_limit} training examples per task, "
         f"model {base.model or 'all-MiniLM-L6-v2 (embedded default)'}. Scores are mean +- std over "
         "seeds: accuracy for sst and para, Pearson r for sts; train scores on the training "
-        "examples used (at most 2000 per task).",
+        "examples used (at most 1000 per task).",
         "",
         "The published numbers of the study are not available in this environment, so no "
         "column for them is shown; compare the ordering of rows, not absolute values.",
