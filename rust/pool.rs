@@ -35,6 +35,11 @@ pub fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
         if s.pid == pid && s.threads == threads {
             return Arc::clone(&s.pool);
         }
+        if s.pid != pid {
+            // Inherited from the parent across fork(): its worker threads do not exist
+            // here, and dropping it could wait on locks they held. Leak it instead.
+            std::mem::forget(slot.take());
+        }
     }
     let built = Arc::new(
         rayon::ThreadPoolBuilder::new()
