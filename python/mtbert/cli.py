@@ -27,7 +27,7 @@ TRAIN_HELP: dict[str, str] = {
     "tasks": f"Comma-separated tasks to train ({', '.join(TASKS)}).",
     "epochs": "Number of epochs.",
     "max_steps": "Stop after this many steps (overrides --epochs).",
-    "steps_per_epoch": "Steps in one epoch (default: one pass over --epoch-task).",
+    "steps_per_epoch": "Steps in one epoch (0: one pass over --epoch-task).",
     "epoch_task": "Task whose one pass over the training data is an epoch.",
     "train_limit": "Use at most N training examples per task.",
     "eval_limit": "Use at most N dev examples per task for evaluations during training.",
@@ -202,7 +202,7 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
         cfg = build_train_config(ctx, params, preset, config_file)
     try:
         train(cfg, resume=resume_dir is not None)
-    except (DataDirError, DataFormatError, ModelFolderError, CheckpointError) as exc:
+    except (DataDirError, DataFormatError, ModelFolderError, CheckpointError, ValueError) as exc:
         _fail(exc)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoint import CheckpointError  # one error type for every checkpoint problem
 from .config import BertConfig
 from .pretrained import ModelFolderError, default_model_dir
 
@@ -41,10 +42,6 @@ SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"
 # Buffers that HF checkpoints may carry; ours are computed, so they are dropped.
 IGNORED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
-
-
-class CheckpointError(ValueError):
-    """A weights file does not fit the model: missing keys or wrong shapes."""
 
 
 class BertOutput(NamedTuple):

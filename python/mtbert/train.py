@@ -48,7 +48,7 @@ class TrainConfig:
     tasks: list[str] = field(default_factory=lambda: ["sst", "para", "sts"])
     epochs: int = 3  # the default budget: 3 x 300 steps fits about 20 minutes on 2 CPU cores
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
-    steps_per_epoch: Optional[int] = 300  # None: one pass over `epoch_task`
+    steps_per_epoch: Optional[int] = 300  # 0 or None: one pass over `epoch_task`
     epoch_task: str = "sst"  # the task whose one pass is an epoch
     train_limit: Optional[int] = None  # at most N training examples per task
     eval_limit: Optional[int] = None  # at most N dev examples per task during training
