@@ -209,3 +209,25 @@ def test_help_lists_every_option():
                  "--device", "--precision", "--max-length", "--preset", "--config", "--resume",
                  "--strict", "--smart-weight", "--reg", "--class-weights", "--freeze-encoder", "--tasks"):
         assert flag in r.output, flag
+
+
+def test_task_sampling_by_size():
+    from mtbert.train import step_tasks, task_probabilities
+    sizes = {"sst": 8000, "para": 16000, "sts": 4000}
+    p = task_probabilities(sizes, "proportional", 1.0)
+    assert np.allclose(p, [8 / 28, 16 / 28, 4 / 28])
+    t = task_probabilities(sizes, "temperature", 2.0)
+    assert np.allclose(t, np.sqrt([8, 16, 4]) / np.sqrt([8, 16, 4]).sum())
+    assert list(step_tasks(5, list(sizes), p, 0, "round-robin")) == ["sst", "para", "sts"]
+    draws = [tuple(step_tasks(s, list(sizes), p, 0, "proportional")) for s in range(400)]
+    assert draws == [tuple(step_tasks(s, list(sizes), p, 0, "proportional")) for s in range(400)]
+    share = {k: sum(k in d for d in draws) / len(draws) for k in sizes}
+    assert share["para"] > share["sst"] > share["sts"]  # bigger tasks are drawn more often
+
+
+def test_temperature_sampling_with_pcgrad_runs(tmp_path, tiny_model_dir, data_dir):
+    cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, max_steps=4, sampling="temperature",
+                      combine="pcgrad", log_every=1)
+    train(cfg)
+    losses = [r["loss"] for r in read_log(Path(cfg.out)) if r["type"] == "train"]
+    assert len(losses) == 4 and all(losses)

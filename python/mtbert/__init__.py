@@ -8,7 +8,7 @@ from .config import BertConfig
 from .model import BertModel, BertOutput
 from .multitask import MultitaskBert, MultitaskConfig
 from .optim import AdamW
-from .pcgrad import PCGrad, gradient_conflicts, pcgrad
+from .pcgrad import PCGrad, gradient_conflicts  # the module stays `mtbert.pcgrad`
 from .tokenizer import BatchEncoding, WordPieceTokenizer
 
 __version__ = "0.1.0"
@@ -24,5 +24,4 @@ __all__ = [
     "PCGrad",
     "WordPieceTokenizer",
     "gradient_conflicts",
-    "pcgrad",
 ]
