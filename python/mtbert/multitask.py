@@ -122,12 +122,6 @@ class MultitaskBert(nn.Module):
             in_features = 4 * hidden if is_pair_separate else hidden
             self.heads[task] = build_head(in_features, hidden, output_size(task), config.heads[task])
 
-    @classmethod
-    def from_pretrained_encoder(cls, model_dir, **config_kwargs) -> "MultitaskBert":
-        encoder = BertModel.from_pretrained(model_dir)
-        config = MultitaskConfig(encoder=encoder.config.to_dict(), **config_kwargs)
-        return cls(config, encoder)
-
     def shared_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.bert.parameters() if p.requires_grad]
 

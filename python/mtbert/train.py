@@ -23,6 +23,7 @@ from .data import TASKS, load_split, resolve_data_dir, task_spec
 from .inference import load_checkpoint, predict_files
 from .evaluate import autocast_context, evaluate_tasks, format_table, write_predictions
 from .metrics import overall_scores
+from .model import BertModel
 from .multitask import ACTIVATIONS, MultitaskBert, MultitaskConfig, default_heads, task_loss
 from .optim import AdamW
 from .pcgrad import PCGrad
@@ -288,9 +289,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             _say(f"{task}: {n} example(s) truncated to {cfg.max_length} tokens")
 
     # (3) model: the pretrained encoder plus fresh heads
-    encoder_source = model_dir
-    model = MultitaskBert.from_pretrained_encoder(encoder_source)
-    model = MultitaskBert(build_model_config(cfg, model.config.encoder), model.bert)
+    encoder = BertModel.from_pretrained(model_dir)
+    model = MultitaskBert(build_model_config(cfg, encoder.config.to_dict()), encoder)
     if cfg.freeze_encoder:
         model.bert.requires_grad_(False)
     model.to(device)
