@@ -118,6 +118,12 @@ def run_grid(base: TrainConfig, *, grid: str = "seed", seeds: int = 3, budget: f
     return rows
 
 
+def _cell(mean: Optional[float], std: float, seeds: int) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" if seeds < 2 else f"{mean:.3f} +- {std:.3f}"  # no spread from one seed
+
+
 def write_table(rows: list[dict], path: Path, base: TrainConfig, seeds: int, budget: float) -> None:
     tasks = [t for t in ("sst", "para", "sts") if any(t in r["dev_mean"] for r in rows)]
     head = ["configuration"] + [f"{t} {s}" for t in tasks for s in ("train", "dev")] + ["overall dev"]
@@ -127,7 +133,7 @@ def write_table(rows: list[dict], path: Path, base: TrainConfig, seeds: int, bud
         f"{seeds} seed(s) per configuration, budget {budget}: {base.max_steps} steps of batch "
         f"{base.batch_size} per task, at most {base.train_limit} training examples per task, "
         f"model {base.model or 'all-MiniLM-L6-v2 (embedded default)'}. Scores are mean +- std over "
-        "seeds: accuracy for sst and para, Pearson r for sts; train scores on the training "
+        "seeds (a single seed shows no spread): accuracy for sst and para, Pearson r for sts; train scores on the training "
         "examples used (at most 1000 per task).",
         "",
         "The published numbers of the study are not available in this environment, so no "
@@ -141,7 +147,7 @@ def write_table(rows: list[dict], path: Path, base: TrainConfig, seeds: int, bud
         for t in tasks:
             for key in ("train", "dev"):
                 mean, std = r[f"{key}_mean"].get(t), r[f"{key}_std"].get(t)
-                cells.append("-" if mean is None else f"{mean:.3f} +- {std:.3f}")
-        cells.append(f"{r['overall_mean']:.3f} +- {r['overall_std']:.3f}")
+                cells.append(_cell(mean, std, r["seeds"]))
+        cells.append(_cell(r["overall_mean"], r["overall_std"], r["seeds"]))
         lines.append("| " + " | ".join(cells) + " |")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
