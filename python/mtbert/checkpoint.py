@@ -129,6 +129,22 @@ def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], so
 
 # ---- optimizer and RNG state (resume checkpoints) ----
 
+def save_training_state(folder: Path, tensors: dict[str, torch.Tensor], info: dict) -> None:
+    """The resume-only part of a checkpoint: tensors (optimizer moments, RNG) and JSON."""
+    save_file(tensors, str(folder / STATE_TENSORS))
+    write_json(folder / STATE_JSON, info)
+
+
+def load_training_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = load_tensors(folder / STATE_TENSORS)
+    path = folder / STATE_JSON
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc}") from None
+    return tensors, info
+
+
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}

@@ -332,9 +332,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
         def fill(folder: Path) -> None:
             ckpt.save_model_files(folder, model, {**meta_base, "step": step}, tokenizer.vocab_path)
-            from safetensors.torch import save_file
-            save_file(tensors, str(folder / ckpt.STATE_TENSORS))
-            ckpt.write_json(folder / ckpt.STATE_JSON, info)
+            ckpt.save_training_state(folder, tensors, info)
         ckpt.write_folder_atomically(out / "last", fill)
 
     def evaluate_dev() -> dict:
@@ -416,7 +414,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     bar.close()
 
     # (7) the best checkpoint, evaluated on the full dev split, with predictions
-    return finish_run(out, cfg, device, precision, best_step, data)
+    return finish_run(out, cfg, data_dir, device, precision, best_step, data)
 
 
 def compute_task_loss(model: MultitaskBert, task: str, batch, cfg: TrainConfig,
@@ -445,11 +443,7 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
         raise ckpt.CheckpointError(f"nothing to resume: {out / 'last'} does not exist")
     tensors = ckpt.load_tensors(folder / ckpt.MODEL_FILE)
     ckpt.load_state_into(model, tensors, folder / ckpt.MODEL_FILE)
-    state_tensors = ckpt.load_tensors(folder / ckpt.STATE_TENSORS)
-    try:
-        info = json.loads((folder / ckpt.STATE_JSON).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ckpt.CheckpointError(f"{folder / ckpt.STATE_JSON} cannot be read: {exc}") from None
+    state_tensors, info = ckpt.load_training_state(folder)
     ckpt.optimizer_from_files(optimizer, state_tensors, info)
     ckpt.rng_from_tensors(state_tensors)
     for task, sampler in samplers.items():
@@ -459,11 +453,10 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
     return info
 
 
-def finish_run(out: Path, cfg: TrainConfig, device, precision: str, best_step, data: RunData) -> dict:
-
+def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: str, best_step,
+               data: RunData) -> dict:
     model, meta, tokenizer = load_checkpoint(out / "best", device=device)
     if cfg.predict:
-        data_dir = resolve_data_dir(cfg.data_dir)
         metrics = predict_files(model, tokenizer, meta, cfg.tasks, "dev", data_dir, out, device=device,
                                 precision=precision, batch_size=cfg.eval_batch_size, strict=cfg.strict)
         predict_files(model, tokenizer, meta, cfg.tasks, "test-student", data_dir, out, device=device,
