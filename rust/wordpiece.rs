@@ -767,13 +767,26 @@ impl WordPiece {
             Some(ml) if opts.pad_to_max_length => ml.max(longest),
             _ => longest,
         };
-        // The width comes from the caller's max_length: allocate fallibly.
+        // The width comes from the caller's max_length: check the size against the
+        // machine's memory (an allocation the OS accepts lazily could still be killed
+        // when filled), then allocate fallibly.
         let too_big = || {
             Error::OutOfMemory(format!(
                 "cannot allocate the batch: 3 int64 arrays of {n} x {cols} values"
             ))
         };
         let total = n.checked_mul(cols).ok_or_else(too_big)?;
+        let bytes = (total as u64).saturating_mul(3 * 8);
+        if let Some(memory) = physical_memory() {
+            if bytes > memory {
+                return Err(Error::OutOfMemory(format!(
+                    "cannot allocate the batch: 3 int64 arrays of {n} x {cols} values need \
+                     {:.1} GiB, more than this machine's {:.1} GiB of memory",
+                    bytes as f64 / GIB,
+                    memory as f64 / GIB
+                )));
+            }
+        }
         let filled = |value: i64| -> Result<Vec<i64>, Error> {
             let mut v = Vec::new();
             v.try_reserve_exact(total).map_err(|_| too_big())?;
@@ -844,6 +857,16 @@ impl WordPiece {
         }
         Ok(batch)
     }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Total physical memory in bytes, where the OS says (Linux: /proc/meminfo).
+fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The rows of one chunk: ids of both segments back to back, and per row
@@ -1223,8 +1246,10 @@ mod tests {
             truncation: true,
             pad_to_max_length: pad,
         };
-        // Padding one row to 2^40 ids (8 TiB per array) or an overflowing n x cols.
-        for ml in [1usize << 40, usize::MAX] {
+        // Padding one row to 2^40 ids (8 TiB per array), more than the machine's memory
+        // (which the OS might accept lazily), or an overflowing n x cols.
+        let beyond_memory = physical_memory().map_or(1 << 40, |m| (m / 16) as usize);
+        for ml in [1usize << 40, beyond_memory, usize::MAX] {
             let err = w.encode_batch(&["hello"], None, opts(ml, true), 1).unwrap_err();
             assert!(matches!(err, Error::OutOfMemory(_)), "{err:?}");
             assert!(err.to_string().contains("cannot allocate"), "{err}");
