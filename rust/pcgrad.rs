@@ -1025,18 +1025,36 @@ mod tests {
             assert!(err.to_string().contains("not a permutation"), "{err}");
         }
         let err = checked_orders(&[0, 1, 1, 1], 2).unwrap_err();
-        assert_eq!(err, PcgradError::OrderRepeat { row: 1, task: 1, tasks: 2 });
+        assert_eq!(
+            err,
+            PcgradError::OrderRepeat {
+                row: 1,
+                task: 1,
+                tasks: 2
+            }
+        );
         assert!(matches!(
             checked_orders(&[0, 1, i64::MAX, 0], 2),
-            Err(PcgradError::OrderEntry { row: 1, col: 0, value: i64::MAX, .. })
+            Err(PcgradError::OrderEntry {
+                row: 1,
+                col: 0,
+                value: i64::MAX,
+                ..
+            })
         ));
         assert!(matches!(
             checked_orders(&[0, 1, i64::MIN, 0], 2),
-            Err(PcgradError::OrderEntry { value: i64::MIN, .. })
+            Err(PcgradError::OrderEntry {
+                value: i64::MIN,
+                ..
+            })
         ));
         assert!(matches!(
             check_orders(&[0, 1, usize::MAX, 0], 2),
-            Err(PcgradError::OrderEntry { value: i64::MAX, .. })
+            Err(PcgradError::OrderEntry {
+                value: i64::MAX,
+                ..
+            })
         ));
     }
 
@@ -1044,15 +1062,26 @@ mod tests {
     fn task_count_is_bounded_before_any_allocation() {
         // No columns, so nothing but the task count could make these calls big.
         let too_many = MAX_TASKS + 1;
-        assert_eq!(gram(&[], too_many, 1).unwrap_err(), PcgradError::TooManyTasks(too_many));
-        assert_eq!(gram(&[], usize::MAX, 1).unwrap_err(), PcgradError::TooManyTasks(usize::MAX));
+        assert_eq!(
+            gram(&[], too_many, 1).unwrap_err(),
+            PcgradError::TooManyTasks(too_many)
+        );
+        assert_eq!(
+            gram(&[], usize::MAX, 1).unwrap_err(),
+            PcgradError::TooManyTasks(usize::MAX)
+        );
         assert!(matches!(
             pcgrad(&[], usize::MAX, &[], Reduction::Mean, 0.0, 1),
             Err(PcgradError::TooManyTasks(_))
         ));
-        assert!(matches!(checked_orders(&[], usize::MAX), Err(PcgradError::TooManyTasks(_))));
+        assert!(matches!(
+            checked_orders(&[], usize::MAX),
+            Err(PcgradError::TooManyTasks(_))
+        ));
         assert!(check_tasks(MAX_TASKS).is_ok());
-        assert!(PcgradError::TooManyTasks(too_many).to_string().contains("at most"));
+        assert!(PcgradError::TooManyTasks(too_many)
+            .to_string()
+            .contains("at most"));
     }
 
     #[test]

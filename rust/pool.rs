@@ -28,7 +28,11 @@ pub fn checked_threads(threads: usize, what: &str) -> Result<usize, String> {
             "{what} must be at most {MAX_THREADS} (0: all cores), got {threads}"
         ));
     }
-    Ok(if threads == 0 { default_threads() } else { threads })
+    Ok(if threads == 0 {
+        default_threads()
+    } else {
+        threads
+    })
 }
 
 /// Number of threads used when the caller does not ask for a count:
@@ -39,7 +43,11 @@ pub fn default_threads() -> usize {
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .min(MAX_THREADS)
 }
 
@@ -47,7 +55,11 @@ pub fn default_threads() -> usize {
 /// [`MAX_THREADS`] are capped there, callers check with [`checked_threads`] first),
 /// valid in this process.
 pub fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
-    let threads = if threads == 0 { default_threads() } else { threads.min(MAX_THREADS) };
+    let threads = if threads == 0 {
+        default_threads()
+    } else {
+        threads.min(MAX_THREADS)
+    };
     let pid = std::process::id();
     // A poisoned lock only means another thread panicked while holding it;
     // the slot itself is still a valid Option, so keep going.
@@ -68,7 +80,11 @@ pub fn pool(threads: usize) -> Arc<rayon::ThreadPool> {
             .build()
             .expect("building a rayon thread pool"),
     );
-    *slot = Some(PoolSlot { pid, threads, pool: Arc::clone(&built) });
+    *slot = Some(PoolSlot {
+        pid,
+        threads,
+        pool: Arc::clone(&built),
+    });
     built
 }
 

@@ -66,14 +66,15 @@ impl From<crate::wordpiece::Error> for NativeError {
 
 /// Runs `f` with the GIL released; a panic becomes `NativeError::Internal`, never an abort.
 fn detached<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, what: &str, f: F) -> NativeResult<T> {
-    py.detach(|| catch_unwind(AssertUnwindSafe(f))).map_err(|payload| {
-        let msg = payload
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_string());
-        NativeError::Internal(format!("internal error in mtbert._native.{what}: {msg}"))
-    })
+    py.detach(|| catch_unwind(AssertUnwindSafe(f)))
+        .map_err(|payload| {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            NativeError::Internal(format!("internal error in mtbert._native.{what}: {msg}"))
+        })
 }
 
 fn type_name(obj: &Bound<'_, PyAny>) -> String {
@@ -86,7 +87,9 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
 /// An integer argument (a Python int or anything with `__index__`, not a bool) as i64.
 fn int_arg(obj: &Bound<'_, PyAny>, what: &str) -> NativeResult<i64> {
     if obj.is_instance_of::<pyo3::types::PyBool>() {
-        return Err(NativeError::Type(format!("{what} must be an int, not bool")));
+        return Err(NativeError::Type(format!(
+            "{what} must be an int, not bool"
+        )));
     }
     obj.extract::<i64>().map_err(|_| {
         if obj.hasattr("__index__").unwrap_or(false) {
@@ -218,9 +221,8 @@ mod pcgrad_binding {
     }
 
     fn checked_seed(seed: &Bound<'_, PyAny>) -> NativeResult<u64> {
-        seed.extract::<u64>().map_err(|_| {
-            value(format!("seed must be an integer in [0, 2**64), got {seed}"))
-        })
+        seed.extract::<u64>()
+            .map_err(|_| value(format!("seed must be an integer in [0, 2**64), got {seed}")))
     }
 
     /// PCGrad of the (T, P) float32 `grads`; see `_native.pyi`.
@@ -373,9 +375,9 @@ mod wordpiece_binding {
         let s = obj.cast::<PyString>().map_err(|_| {
             NativeError::Type(format!("{what} must be str, not {}", type_name(obj)))
         })?;
-        let bytes = s.encode_utf8().map_err(|e| {
-            NativeError::Value(format!("{what} is not valid Unicode text: {e}"))
-        })?;
+        let bytes = s
+            .encode_utf8()
+            .map_err(|e| NativeError::Value(format!("{what} is not valid Unicode text: {e}")))?;
         // Python's UTF-8 encoder only produces valid UTF-8.
         String::from_utf8(bytes.as_bytes().to_vec())
             .map_err(|e| NativeError::Value(format!("{what} is not valid UTF-8: {e}")))
@@ -420,10 +422,7 @@ mod wordpiece_binding {
             for (i, item) in iter.enumerate() {
                 let item = item?;
                 let s = item.cast::<PyString>().map_err(|_| {
-                    NativeError::Type(format!(
-                        "{what}[{i}] must be str, not {}",
-                        type_name(&item)
-                    ))
+                    NativeError::Type(format!("{what}[{i}] must be str, not {}", type_name(&item)))
                 })?;
                 let bytes = s.encode_utf8().map_err(|e| {
                     NativeError::Value(format!("{what}[{i}] is not valid Unicode text: {e}"))

@@ -1250,20 +1250,36 @@ mod tests {
         // (which the OS might accept lazily), or an overflowing n x cols.
         let beyond_memory = physical_memory().map_or(1 << 40, |m| (m / 16) as usize);
         for ml in [1usize << 40, beyond_memory, usize::MAX] {
-            let err = w.encode_batch(&["hello"], None, opts(ml, true), 1).unwrap_err();
+            let err = w
+                .encode_batch(&["hello"], None, opts(ml, true), 1)
+                .unwrap_err();
             assert!(matches!(err, Error::OutOfMemory(_)), "{err:?}");
             assert!(err.to_string().contains("cannot allocate"), "{err}");
         }
         let rows = vec!["hello"; 3];
-        let err = w.encode_batch(&rows, None, opts(usize::MAX / 2, true), 1).unwrap_err();
+        let err = w
+            .encode_batch(&rows, None, opts(usize::MAX / 2, true), 1)
+            .unwrap_err();
         assert!(matches!(err, Error::OutOfMemory(_)), "{err:?}");
         // A huge max_length without padding only bounds truncation: fine.
-        let b = w.encode_batch(&["hello"], None, opts(usize::MAX, false), 1).unwrap();
+        let b = w
+            .encode_batch(&["hello"], None, opts(usize::MAX, false), 1)
+            .unwrap();
         assert_eq!((b.rows, b.cols), (1, 3));
-        assert_eq!(w.encode("hello", None, Some(usize::MAX)).unwrap().0.len(), 3);
+        assert_eq!(
+            w.encode("hello", None, Some(usize::MAX)).unwrap().0.len(),
+            3
+        );
         // Thread counts are bounded.
-        let err = w.encode_batch(&["hello"], None, opts(8, false), 100_000).unwrap_err();
-        assert!(err.to_string().contains("num_threads must be at most"), "{err}");
-        assert!(w.encode_batch(&["hello"], None, opts(8, false), crate::pool::MAX_THREADS).is_ok());
+        let err = w
+            .encode_batch(&["hello"], None, opts(8, false), 100_000)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("num_threads must be at most"),
+            "{err}"
+        );
+        assert!(w
+            .encode_batch(&["hello"], None, opts(8, false), crate::pool::MAX_THREADS)
+            .is_ok());
     }
 }
