@@ -102,14 +102,29 @@ fn int_arg(obj: &Bound<'_, PyAny>, what: &str) -> NativeResult<i64> {
 
 /// `num_threads`: 0 or None (all cores) up to `pool::MAX_THREADS`, as a worker count.
 fn threads_arg(num_threads: Option<&Bound<'_, PyAny>>) -> NativeResult<usize> {
+    let negative = || {
+        NativeError::Value(format!(
+            "num_threads must be >= 0 (0: all cores), got {}",
+            num_threads.map_or(String::new(), |o| o.to_string())
+        ))
+    };
     let n = match num_threads {
-        Some(obj) if !obj.is_none() => int_arg(obj, "num_threads")?,
+        Some(obj) if !obj.is_none() => match int_arg(obj, "num_threads") {
+            Ok(n) => usize::try_from(n).map_err(|_| negative())?,
+            // Beyond i64: as too many threads (or too few) as any other count.
+            Err(NativeError::Value(_)) if obj.lt(0)? => return Err(negative()),
+            Err(NativeError::Value(_)) => usize::MAX,
+            Err(e) => return Err(e),
+        },
         _ => 0,
     };
-    let n = usize::try_from(n).map_err(|_| {
-        NativeError::Value(format!("num_threads must be >= 0 (0: all cores), got {n}"))
-    })?;
-    crate::pool::checked_threads(n, "num_threads").map_err(NativeError::Value)
+    crate::pool::checked_threads(n, "num_threads").map_err(|_| {
+        NativeError::Value(format!(
+            "num_threads must be at most {} (0: all cores), got {}",
+            crate::pool::MAX_THREADS,
+            num_threads.map_or(String::new(), |o| o.to_string())
+        ))
+    })
 }
 
 // ==== PCGrad binding (owned by the PCGrad work) ====
