@@ -40,8 +40,8 @@ const MAX_ITEMS: usize = 256;
 const LANES: usize = 32;
 /// Columns per block of the portable combine: its float64 accumulator (2 KiB) stays in L1.
 const COMBINE_BLOCK: usize = 256;
-/// The most tasks a surgery accepts. The T x T algebra costs O(T^3) (about 0.25 s at
-/// T = 512, measured on one core of a shared 2-core machine); beyond that the callers' numbers, not the data, would
+/// The most tasks a surgery accepts. The T x T algebra costs O(T^3) (0.15-0.25 s at
+/// T = 512, one thread, measured on a shared, loaded 2-core machine); beyond that the callers' numbers, not the data, would
 /// decide how long a call runs, so larger T is refused with [`PcgradError::TooManyTasks`].
 pub const MAX_TASKS: usize = 512;
 
