@@ -1,8 +1,10 @@
 """The BERT WordPiece tokenizer: ids identical to the standard BERT fast tokenizer.
 
-`WordPieceTokenizer` owns the user-facing API (defaults, input checks, clear
-errors); the work runs in the Rust core (`mtbert._native._WordPiece`), batch
-encoding in parallel with the GIL released. `backend="python"` runs the same
+`WordPieceTokenizer` owns the user-facing API (defaults, its own options such as
+padding and num_threads); the work runs in the Rust core (`mtbert._native._WordPiece`),
+batch encoding in parallel with the GIL released. Texts and max_length are checked
+once, by the backend (the Rust binding, or `_wordpiece_py` for backend="python"),
+with the same exceptions and messages. `backend="python"` runs the same
 algorithm in plain Python (`mtbert._wordpiece_py`): slow, for tests and as a
 readable reference.
 
