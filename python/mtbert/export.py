@@ -96,8 +96,8 @@ def export_checkpoint(checkpoint, out, *, force: bool = False) -> ExportResult:
     """Write the checkpoint at `checkpoint` (a checkpoint or run folder) as an export folder
     `out`, atomically. A non-empty `out` is replaced only with force=True."""
     source, kind = export_source(checkpoint)
-    out = Path(out).absolute()
-    _check_out(out, source, force)
+    _check_out(Path(out), source, force)
+    out = Path(out).absolute()  # write_folder_atomically needs a name for its sibling temp folder
     model, meta, tokenizer = load_checkpoint(source)
     max_length = meta.get("train", {}).get("max_length", DEFAULT_MAX_LENGTH)
     result = ExportResult(source, kind, out, model.config.pooling, sentence_transformers=True)
