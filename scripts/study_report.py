@@ -754,6 +754,9 @@ def readme(study: Study, results, out: Path) -> str:
         "took 150-240 s because 14 shared the GPU, SST alone about 62 s)",
         "  - `python scripts/study.py --out /tmp/study --workers 15 --launch-minutes 1.5 --model /tmp/minilm "
         "--device cuda --precision fp32` (259 s; 16 more runs)",
+        "- The run folders were then copied off the machine and compacted into this folder with "
+        "`make study-report STUDY_RUNS=<study folder>` (= `python scripts/study_report.py --runs <study "
+        "folder> --out results/study`); checkpoints and data are not committed.",
         f"- Per-run wall time (shared GPU, from wall_time.json): {min(walls):.0f}-{max(walls):.0f} s, "
         f"median {np.median(walls):.0f} s." if walls else "- Per-run wall time: not recorded.",
         f"- Finished: {n_runs} runs. " + seeds_text(per_config),
