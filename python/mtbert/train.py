@@ -19,22 +19,30 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .batches import EncodedSplit, TaskSampler, encode_split
-from .data import TASKS, load_split, resolve_data_dir, task_spec
+from .data import load_split, resolve_data_dir
 from .inference import load_checkpoint, predict_files
 from .evaluate import autocast_context, evaluate_tasks, format_table, write_predictions
-from .metrics import overall_scores
 from .model import BertModel
-from .multitask import ACTIVATIONS, MultitaskBert, MultitaskConfig, default_heads, task_loss
+from .multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS, MultitaskBert, MultitaskConfig, default_head, task_loss
 from .optim import AdamW
 from .pcgrad import PCGrad
 from .pretrained import resolve_model_dir
 from .regularization import capture_rng, class_weights, head_penalty, smart_loss
+from .tasks import get_task, overall_scores
 from .tokenizer import WordPieceTokenizer
 
 COMBINES = ("sum", "pcgrad")
 SAMPLINGS = ("round-robin", "proportional", "temperature")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
+PCGRAD_REDUCTIONS = ("sum", "mean")
+SMART_NORMS = ("linf", "l2")
+# Every TrainConfig field with a fixed set of values: the CLI's choices come from here.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "combine": COMBINES, "pcgrad_reduction": PCGRAD_REDUCTIONS, "sampling": SAMPLINGS,
+    "pooling": POOLINGS, "pair_encoding": PAIR_ENCODINGS, "activation": ACTIVATIONS,
+    "reg": PENALTIES, "smart_norm": SMART_NORMS, "precision": PRECISIONS,
+}
 
 
 # ---------------------------------------------------------------- (1) configuration
@@ -69,7 +77,8 @@ class TrainConfig:
     # Model
     pooling: str = "mean"
     pair_encoding: str = "joint"
-    dropout_sst: Optional[float] = None  # None: the published default per head
+    dropout: dict[str, float] = field(default_factory=dict)  # task -> head dropout; absent: the task's default
+    dropout_sst: Optional[float] = None  # the earlier per-task flags, kept: they set `dropout`
     dropout_para: Optional[float] = None
     dropout_sts: Optional[float] = None
     dropout_cfimdb: Optional[float] = None
@@ -77,7 +86,8 @@ class TrainConfig:
     activation: str = "relu"
     freeze_encoder: bool = False
     # Regularization
-    class_weights: bool = False  # sentiment CE weights N / (K * N_i)
+    class_weights: bool = False  # CE weights N / (K * N_i) for the class_weight_tasks
+    class_weight_tasks: list[str] = field(default_factory=lambda: ["sst"])
     reg: str = "none"  # weight penalty on the chosen heads
     reg_weight: float = 0.05
     reg_tasks: list[str] = field(default_factory=lambda: ["sts"])
@@ -101,19 +111,14 @@ class TrainConfig:
 
     def __post_init__(self):
         for task in self.tasks:
-            task_spec(task)
+            get_task(task)
         if not self.tasks:
             raise ValueError("at least one task is needed")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks repeat: {self.tasks}")
-        checks = [
-            (self.combine in COMBINES, f"combine must be one of {COMBINES}"),
-            (self.pcgrad_reduction in ("sum", "mean"), "pcgrad_reduction must be sum or mean"),
-            (self.sampling in SAMPLINGS, f"sampling must be one of {SAMPLINGS}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.reg in PENALTIES, f"reg must be one of {PENALTIES}"),
-            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}"),
-            (self.smart_norm in ("linf", "l2"), "smart_norm must be linf or l2"),
+        checks = [(getattr(self, name) in values, f"{name} must be one of {values}")
+                  for name, values in CHOICES.items()]
+        checks += [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
@@ -127,9 +132,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        for name in ("reg_tasks", "smart_tasks"):
+        for name in ("reg_tasks", "smart_tasks", "class_weight_tasks"):
             for task in getattr(self, name):
-                task_spec(task)
+                get_task(task)
+        for task in self.class_weight_tasks:
+            if not get_task(task).uses_class_weights:
+                raise ValueError(f"class weights apply to K-way classification tasks; {task} is "
+                                 f"{get_task(task).kind}")
+        self.dropout = dict(self.dropout)
+        for task, legacy in LEGACY_DROPOUT.items():
+            value = getattr(self, legacy)
+            if value is not None:
+                if self.dropout.setdefault(task, value) != value:
+                    raise ValueError(f"{legacy}={value} and dropout {task}={self.dropout[task]} disagree")
+        for task, value in self.dropout.items():
+            get_task(task)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"dropout of {task} must be in [0, 1), got {value}")
         if self.epoch_task not in self.tasks:
             self.epoch_task = self.tasks[0]
 
@@ -144,6 +163,9 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s): {unknown}")
         return cls(**d)
 
+
+# The earlier per-task dropout options and the task each sets.
+LEGACY_DROPOUT = {"sst": "dropout_sst", "para": "dropout_para", "sts": "dropout_sts", "cfimdb": "dropout_cfimdb"}
 
 # The embedded default is tuned to finish on a 2-core CPU in about 20 minutes.
 PRESETS: dict[str, dict] = {
@@ -223,16 +245,14 @@ class MetricsLog:
 
 
 def build_model_config(cfg: TrainConfig, encoder_config: dict) -> MultitaskConfig:
-    heads = default_heads()
+    heads = {}
     for task in cfg.tasks:
-        head = heads[task]
-        dropout = getattr(cfg, f"dropout_{task}")
-        if dropout is not None:
-            head.dropout = dropout
+        head = heads[task] = default_head(task)
+        if task in cfg.dropout:
+            head.dropout = cfg.dropout[task]
         head.hidden_layers += cfg.extra_layers
         head.activation = cfg.activation
-    return MultitaskConfig(encoder=encoder_config, tasks=list(cfg.tasks),
-                           heads={t: heads[t] for t in cfg.tasks},
+    return MultitaskConfig(encoder=encoder_config, tasks=list(cfg.tasks), heads=heads,
                            pooling=cfg.pooling, pair_encoding=cfg.pair_encoding)
 
 
@@ -305,8 +325,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     warmup_steps = int(cfg.warmup * total_steps)
     probs = task_probabilities(sizes, cfg.sampling, cfg.temperature)
     weights = {}
-    if cfg.class_weights and "sst" in cfg.tasks:
-        weights["sst"] = class_weights(data.train["sst"].labels, TASKS["sst"].num_classes).to(device)
+    if cfg.class_weights:
+        for task in cfg.class_weight_tasks:
+            if task in cfg.tasks:
+                weights[task] = class_weights(data.train[task].labels, get_task(task).num_classes).to(device)
     surgery = None
     if cfg.combine == "pcgrad" and not cfg.freeze_encoder:
         surgery = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
