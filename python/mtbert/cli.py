@@ -19,7 +19,7 @@ from .evaluate import format_table
 from .inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
 from .plots import plot_run
 from .pretrained import ModelFolderError
-from .tasks import get_task, known_tasks, overall_scores
+from .tasks import get_task, known_tasks, overall_scores, uses_data_dir
 from .train import PRESETS, TrainConfig, config_from_sources, pick_device, train
 
 try:  # Python 3.11+
@@ -92,6 +92,7 @@ TRAIN_HELP: dict[str, str] = {
 CHOICES = training.CHOICES
 LIST_FIELDS = ("tasks", "reg_tasks", "smart_tasks", "class_weight_tasks")
 MAPPING_FIELDS = ("dropout",)
+CONFIG_FILE_ONLY = ("task_definitions",)  # [tasks.NAME] tables; no flag
 
 
 def _option_for(f: dataclasses.Field, default: Any):
@@ -118,7 +119,7 @@ def _option_for(f: dataclasses.Field, default: Any):
 def training_options(func):
     """Decorate a click command with one option per TrainConfig field."""
     defaults = TrainConfig()
-    for f in reversed(dataclasses.fields(TrainConfig)):
+    for f in reversed([f for f in dataclasses.fields(TrainConfig) if f.name not in CONFIG_FILE_ONLY]):
         func = _option_for(f, getattr(defaults, f.name))(func)
     return func
 
@@ -163,11 +164,30 @@ def _read_config_file(path: Optional[str]) -> dict:
         return {}
     try:
         with open(path, "rb") as fh:
-            return _normalize(tomllib.load(fh))
+            values = _normalize(tomllib.load(fh))
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{path} is not valid TOML: {exc}", param_hint="--config") from None
+    tasks = values.get("tasks")
+    if isinstance(tasks, dict):
+        # [tasks.NAME] tables: the tasks to train, in order; an empty table names a built-in
+        # task, a table with keys declares a user task (files relative to the config file).
+        values["tasks"] = list(tasks)
+        base = Path(path).resolve().parent
+        try:
+            values["task_definitions"] = {name: {k: _relative_to(base, k, v) for k, v in spec.items()}
+                                          for name, spec in tasks.items() if spec}
+        except AttributeError:
+            raise click.BadParameter("each [tasks.NAME] entry must be a table", param_hint="--config") from None
+    return values
+
+
+def _relative_to(base: Path, key: str, value):
+    """A declared file path, made absolute against the config file's folder."""
+    if key in ("train", "dev", "test") and isinstance(value, str):
+        return str(base / Path(value).expanduser())
+    return value
 
 
 def _fail(exc: Exception) -> None:
@@ -239,7 +259,7 @@ def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
         model, meta, tokenizer = load_checkpoint(checkpoint, device=dev)
         folder = checkpoint_folder(checkpoint)
         out_dir = Path(out) if out else (folder.parent if folder.name == "best" else folder)
-        data = resolve_data_dir(data_dir)
+        data = resolve_data_dir(data_dir) if uses_data_dir(model.config.tasks) else None
         report = {}
         for s in (["dev", "test-student"] if split == "both" else
                   ["test-student" if split == "test" else "dev"]):

@@ -110,6 +110,10 @@ class Task:
             raise ValueError(f"task {self.name!r} declares no {split_key(split)} file")
         return Path(data_dir) / Path(self.files[split]).expanduser()
 
+    def declared_files(self) -> dict[str, str]:
+        """The files as a declaration names them (train, dev, test)."""
+        return {split_key(split): f for split, f in self.files.items()}
+
     def parse_label(self, raw: Any) -> Union[int, float]:
         """A label cell (text, or a JSON number) as a class id or a score; ValueError says why."""
         if isinstance(raw, str):
@@ -335,7 +339,7 @@ def define_task(name: str, spec: dict, *, base_dir: Optional[Path] = None) -> Ta
         id = "id"                       # optional; without it ids are line numbers
 
     Relative file names resolve against `base_dir` when given (the config file's folder),
-    otherwise against the data directory at load time.
+    otherwise against the current directory; the Task holds absolute paths.
     """
     if not isinstance(spec, dict):
         raise ValueError(f"task {name!r}: a task declaration is a table of keys, got {spec!r}")
@@ -355,12 +359,9 @@ def define_task(name: str, spec: dict, *, base_dir: Optional[Path] = None) -> Ta
     files = {}
     for key, split in (("train", "train"), ("dev", "dev"), ("test", "test-student")):
         if key in spec:
-            path = Path(str(spec[key])).expanduser()
-            if base_dir is not None and not path.is_absolute():
-                path = Path(base_dir) / path
-            files[split] = str(path)
-    if "train" not in files:
-        raise ValueError(f"task {name!r}: train = \"FILE\" is needed")
+            files[split] = str((Path(base_dir or ".") / Path(str(spec[key])).expanduser()).absolute())
+    if "train" not in files or "dev" not in files:
+        raise ValueError(f"task {name!r}: train = \"FILE\" and dev = \"FILE\" are needed")
     formats = {spec["format"]} if "format" in spec else {
         _EXTENSION_FORMATS.get(Path(f).suffix.lower()) for f in files.values()}
     if len(formats) != 1 or None in formats:
@@ -382,6 +383,11 @@ def define_task(name: str, spec: dict, *, base_dir: Optional[Path] = None) -> Ta
                 label_names=names, write_label_names=bool(spec.get("write_names", bool(names))),
                 prediction_column=str(spec.get("prediction_column", "Prediction")), head=head,
                 title=str(spec.get("title", name)))
+
+
+def uses_data_dir(names) -> bool:
+    """Whether any of the tasks names a file relative to the data directory."""
+    return any(not Path(f).is_absolute() for n in names for f in get_task(n).files.values())
 
 
 def register_definitions(definitions: dict[str, dict], *, base_dir: Optional[Path] = None) -> list[Task]:
