@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .batches import EncodedSplit, eval_batches
+from .checkpoint import write_file_atomically
 from .multitask import MultitaskBert
 from .tasks import get_task, overall_scores
 
@@ -61,17 +62,15 @@ def evaluate_tasks(model: MultitaskBert, datasets: dict[str, EncodedSplit], *, d
 def write_predictions(folder: Path, task: str, split: str, ids: list[str], preds: np.ndarray) -> Path:
     """`{task}-{split}-output.csv` with one row per input id (file names and the built-in
     tasks' headers follow the course handout)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{task}-{split_label(split)}-output.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        spec = get_task(task)
-        writer.writerow(["id", spec.prediction_column])
-        for ex_id, p in zip(ids, preds):
-            writer.writerow([ex_id, spec.format_prediction(p)])
-    tmp.replace(path)
-    return path
+    spec = get_task(task)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", spec.prediction_column])
+            for ex_id, p in zip(ids, preds):
+                writer.writerow([ex_id, spec.format_prediction(p)])
+    return write_file_atomically(folder / f"{task}-{split_label(split)}-output.csv", write)
 
 
 def format_table(metrics: dict[str, dict]) -> str:

@@ -45,7 +45,10 @@ def load_checkpoint(path, *, device: Optional[torch.device] = None
     vocab = folder / ckpt.VOCAB_FILE
     if not vocab.is_file():
         raise ckpt.CheckpointError(f"{folder} lacks {ckpt.VOCAB_FILE}")
-    tokenizer = WordPieceTokenizer.from_file(vocab, lowercase=meta.get("tokenizer", {}).get("lowercase", True))
+    # Every saved setting (checkpoints before strip_accents was saved hold lowercase only).
+    settings = meta.get("tokenizer", {})
+    tokenizer = WordPieceTokenizer.from_file(vocab, lowercase=settings.get("lowercase", True),
+                                             strip_accents=settings.get("strip_accents"))
     model.to(device or torch.device("cpu")).eval()
     return model, meta, tokenizer
 

@@ -321,7 +321,7 @@ class Run:
     def checkpoint_meta(self) -> dict:
         """What every checkpoint of the run says about itself (model, training, tokenizer)."""
         return {"model": self.model.config.to_dict(), "train": self.cfg.to_dict(),
-                "tokenizer": {"lowercase": self.tokenizer.lowercase}, "step": self.step}
+                "tokenizer": self.tokenizer.settings(), "step": self.step}
 
 
 def build_run(cfg: TrainConfig) -> Run:
