@@ -12,7 +12,8 @@ from torch import nn
 from .tasks import get_task
 
 if TYPE_CHECKING:
-    from .multitask import MultitaskBert, TaskBatch
+    from .batches import TaskBatch
+    from .multitask import MultitaskBert
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:

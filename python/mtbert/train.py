@@ -24,7 +24,7 @@ from . import checkpoint as ckpt
 from .batches import EncodedSplit, TaskBatch, TaskSampler, encode_split
 from .data import load_split, resolve_data_dir
 from .inference import load_checkpoint, predict_files
-from .evaluate import autocast_context, evaluate_tasks, format_table, write_predictions
+from .evaluate import autocast_context, evaluate_tasks, format_table
 from .model import BertModel
 from .multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS, MultitaskBert, MultitaskConfig, default_head, task_loss
 from .optim import AdamW
