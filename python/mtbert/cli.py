@@ -16,6 +16,7 @@ from .ablation import GRIDS, run_grid
 from .checkpoint import CheckpointError, read_meta, write_json
 from .data import DataDirError, DataFormatError, resolve_data_dir
 from .evaluate import format_table
+from .export import export_checkpoint
 from .inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
 from .plots import plot_run
 from .pretrained import ModelFolderError
@@ -338,9 +339,6 @@ def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, preset, config_fil
 @click.option("--force", is_flag=True, help="Replace --out when it is not empty.")
 def export_cmd(checkpoint, out, force):
     """Export a checkpoint's encoder for transformers and sentence-transformers, heads beside it."""
-    from .checkpoint import CheckpointError
-    from .export import export_checkpoint
-
     try:
         result = export_checkpoint(checkpoint, out, force=force)
     except (CheckpointError, ValueError) as exc:
