@@ -180,6 +180,7 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
     """
     from .checkpoint import CheckpointError, read_meta
     from .data import DataDirError, DataFormatError
+    from .distributed import DistributedError
     from .pretrained import ModelFolderError
     from .train import TrainConfig, train
 
@@ -202,7 +203,8 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
         cfg = build_train_config(ctx, params, preset, config_file)
     try:
         train(cfg, resume=resume_dir is not None)
-    except (DataDirError, DataFormatError, ModelFolderError, CheckpointError, ValueError) as exc:
+    except (DataDirError, DataFormatError, ModelFolderError, CheckpointError, ValueError,
+            DistributedError) as exc:
         _fail(exc)
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -399,7 +399,9 @@ class PCGrad:
         eps: float = 1e-12,
         backend: str = "auto",
         num_tasks: Optional[int] = None,
+        sync: Optional[Callable[[Tensor], None]] = None,
     ):
+        self.sync = sync  # sums the (T, P) buffer over ranks before the surgery (mtbert.distributed)
         self.shared = _trainable(shared_params, "shared_params")
         if not self.shared:
             raise ValueError("shared_params holds no parameter with requires_grad=True")
@@ -499,6 +501,9 @@ class PCGrad:
                         view.copy_(g.to_dense() if g.is_sparse else g)
             for p, g in zip(heads, grads[S:]):
                 p.grad = g
+
+        if self.sync is not None:  # multi-process: the surgery sees the global per-task gradients
+            self.sync(self.buffer)
 
         # 2. The surgery, into the result buffer.
         orders = self.draw_orders(T)

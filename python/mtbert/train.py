@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .batches import EncodedSplit, TaskSampler, encode_split
 from .data import TASKS, load_split, resolve_data_dir, task_spec
 from .inference import load_checkpoint, predict_files
@@ -261,14 +262,17 @@ def load_run_data(cfg: TrainConfig, tokenizer: WordPieceTokenizer, data_dir: Pat
 
 
 def _say(msg: str) -> None:
-    tqdm.write(msg)
+    if distributed.is_main():  # [ddp] console output from rank 0 only
+        tqdm.write(msg)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or continue, with resume=True) the training described by cfg; returns the summary."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    dist = distributed.init(cfg.device)  # [ddp] joins the process group under torchrun
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = dist.device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
@@ -294,12 +298,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if cfg.freeze_encoder:
         model.bert.requires_grad_(False)
     model.to(device)
+    dist.seed_dropout(cfg.seed)  # [ddp] per-rank dropout masks (rank 0 keeps the seed)
 
     # (4) optimizer over trainable parameters only (frozen weights keep no state)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    samplers = {t: TaskSampler(data.train[t].first.lengths, cfg.batch_size, cfg.seed, i, cfg.bucket)
+    # [ddp] samplers draw GLOBAL batches (same on every rank); each rank takes its slice
+    global_batch, world_note = distributed.global_batch(dist, cfg.batch_size, out if resume else None)
+    samplers = {t: TaskSampler(data.train[t].first.lengths, global_batch, cfg.seed, i, cfg.bucket)
                 for i, t in enumerate(cfg.tasks)}
+    if dist.active:
+        _say(f"{dist.world_size} rank(s) ({dist.backend}): global batch {global_batch} per task and step, "
+             f"{cfg.batch_size} per rank")
     steps_per_epoch = cfg.steps_per_epoch or samplers[cfg.epoch_task].batches_per_epoch
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     warmup_steps = int(cfg.warmup * total_steps)
@@ -310,7 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     surgery = None
     if cfg.combine == "pcgrad" and not cfg.freeze_encoder:
         surgery = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
-                         reduction=cfg.pcgrad_reduction, seed=cfg.seed)
+                         reduction=cfg.pcgrad_reduction, seed=cfg.seed, sync=dist.pcgrad_sync())
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     # (5) resume: model, optimizer, RNG, samplers, step, best score
@@ -319,13 +329,20 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         state = load_resume_state(out, model, optimizer, samplers, surgery)
         step, best_score, best_step = state["step"], state["best_score"], state["best_step"]
         _say(f"resumed from {out / 'last'} at step {step}/{total_steps}")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
+        if world_note:
+            _say(world_note)
+        dist.restore_rng(state["rng_tensors"], cfg.seed, step)  # [ddp] each rank's own RNG
+    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if dist.is_main else None
     meta_base = {"model": model.config.to_dict(), "train": cfg.to_dict(),
                  "tokenizer": {"lowercase": tokenizer.lowercase}}
 
     def save_last() -> None:
         tensors, info = ckpt.optimizer_to_files(optimizer)
         tensors.update(ckpt.rng_to_tensors())
+        tensors.update(dist.gather_rng())  # [ddp] collective: every rank's RNG state
+        if not dist.is_main:
+            return
+        info.update({"global_batch": global_batch, "world_size": dist.world_size})
         info.update({"step": step, "best_score": best_score, "best_step": best_step,
                      "samplers": {t: s.state_dict() for t, s in samplers.items()},
                      "pcgrad": surgery.state_dict() if surgery is not None else None})
@@ -337,17 +354,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
 
     def evaluate_dev() -> dict:
         nonlocal best_score, best_step
-        metrics, _ = evaluate_tasks(model, data.dev, device=device, batch_size=cfg.eval_batch_size,
-                                    precision=precision)
+        metrics, _ = distributed.evaluate_tasks(dist, model, data.dev, device=device,  # [ddp] sharded
+                                                batch_size=cfg.eval_batch_size, precision=precision)
         scores = overall_scores(metrics)
-        log.write({"type": "eval", "split": "dev", "step": step, "epoch": step / steps_per_epoch,
-                   "metrics": metrics, **scores})
+        if log is not None:
+            log.write({"type": "eval", "split": "dev", "step": step, "epoch": step / steps_per_epoch,
+                       "metrics": metrics, **scores})
         line = ", ".join(f"{t} {m.get('accuracy', m.get('pearson')):.4f}" for t, m in metrics.items())
         improved = scores["overall"] > best_score
         _say(f"step {step}: dev {line}; overall {scores['overall']:.4f}"
              + (" (best so far, saved)" if improved else ""))
         if improved:
             best_score, best_step = scores["overall"], step
+        if improved and dist.is_main:
             ckpt.write_folder_atomically(out / "best", lambda folder: ckpt.save_model_files(
                 folder, model, {**meta_base, "step": step, "metrics": metrics, **scores},
                 tokenizer.vocab_path))
@@ -357,7 +376,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     model.train()
     if cfg.freeze_encoder:
         model.bert.eval()  # a frozen encoder is a fixed feature extractor: no dropout
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress,
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
+               disable=not (cfg.progress and dist.is_main),
                dynamic_ncols=True)
     window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
     while step < total_steps:
@@ -365,19 +385,30 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor
         losses = {}
-        for task in step_tasks(step, cfg.tasks, probs, cfg.seed, cfg.sampling):
-            batch = data.train[task].batch(samplers[task].next()).to(device)
+        tasks_now = step_tasks(step, cfg.tasks, probs, cfg.seed, cfg.sampling)
+        for task in tasks_now:
+            global_idx = samplers[task].next()
+            idx = dist.shard(global_idx)  # [ddp] this rank's slice of the global batch
+            if len(idx) == 0:  # [ddp] fewer examples than ranks: this rank adds zeros
+                window["loss"][task].append(0.0)
+                continue
+            task_batch = data.train[task].batch(idx).to(device)
             with autocast_context(device, precision):
-                losses[task] = compute_task_loss(model, task, batch, cfg, weights.get(task))
-            window["examples"] += batch.size
+                losses[task] = compute_task_loss(model, task, task_batch, cfg, weights.get(task))
+            if dist.world_size > 1:  # [ddp] summed over ranks: the mean over the global batch
+                losses[task] = losses[task] * dist.loss_weight(len(idx), len(global_idx))
+            window["examples"] += task_batch.size
             window["loss"][task].append(float(losses[task].detach()))
         optimizer.zero_grad(set_to_none=True)
         stats = None
-        if surgery is not None and len(losses) > 1:
+        if surgery is not None and len(tasks_now) > 1:  # [ddp] decided by the global step tasks
             stats = surgery.backward([scaler.scale(losses[t]) if t in losses else None
                                       for t in cfg.tasks])
+            dist.all_reduce_grads(trainable, exclude=surgery.shared)  # [ddp] heads (shared: synced in PCGrad)
         else:
-            scaler.scale(sum(losses.values())).backward()
+            if losses:
+                scaler.scale(sum(losses.values())).backward()
+            dist.all_reduce_grads(trainable)  # [ddp] exact sum over ranks, one flat all-reduce
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
@@ -387,6 +418,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         bar.update(1)
 
         if step % cfg.log_every == 0 or step == total_steps:
+            window = dist.sum_window(window)  # [ddp] global losses and example counts
             elapsed = max(time.time() - window["time"], 1e-9)
             mean_loss = {t: float(np.mean(v)) for t, v in window["loss"].items() if v}
             record = {"type": "train", "step": step, "epoch": step / steps_per_epoch,
@@ -395,11 +427,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             if stats is not None:
                 record["pcgrad"] = {"cosine": stats.cosine.tolist(), "conflicts": stats.conflicts,
                                     "conflict_pairs": stats.conflict_pairs}
-            log.write(record)
+            if log is not None:
+                log.write(record)
             bar.set_postfix({**{t: f"{v:.3f}" for t, v in mean_loss.items()},
                              "ex/s": f"{record['examples_per_s']:.0f}"})
             window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
-        elif stats is not None:
+        elif stats is not None and log is not None:
             # Conflict statistics are logged every step (they are cheap: a T x T matrix).
             log.write({"type": "pcgrad", "step": step, "cosine": stats.cosine.tolist(),
                        "conflicts": stats.conflicts, "conflict_pairs": stats.conflict_pairs})
@@ -413,7 +446,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             save_last()
     bar.close()
 
+    digest = distributed.verify_identical(dist, model)  # [ddp] all ranks hold the same weights
+    if digest:
+        _say(f"weights bitwise identical on all {dist.world_size} rank(s) (sha256 {digest})")
+
     # (7) the best checkpoint, evaluated on the full dev split, with predictions
+    if not dist.is_main:  # [ddp] rank 0 alone evaluates the best checkpoint and writes files
+        return {}
     return finish_run(out, cfg, data_dir, device, precision, best_step, data)
 
 
@@ -446,6 +485,7 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
     state_tensors, info = ckpt.load_training_state(folder)
     ckpt.optimizer_from_files(optimizer, state_tensors, info)
     ckpt.rng_from_tensors(state_tensors)
+    info["rng_tensors"] = {k: v for k, v in state_tensors.items() if k.startswith("rng.rank")}
     for task, sampler in samplers.items():
         sampler.load_state_dict(info["samplers"][task])
     if surgery is not None and info.get("pcgrad"):
