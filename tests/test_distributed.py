@@ -221,7 +221,7 @@ def test_killed_rank_stops_the_job_and_resume_continues(tmp_path, no_dropout_mod
     """kill -9 of rank 1: rank 0 stops promptly with one clear line. Its last checkpoint,
     resumed on 2 ranks, ends bitwise where the uninterrupted 2-rank run ends; resumed on 1
     process, it keeps the global batch, says so, and ends within float tolerance."""
-    steps = 30
+    steps = 16
     run = dict(EXACT, max_steps=steps, save_every=2, log_every=1)
     full = tiny_config(tmp_path / "full", no_dropout_model_dir, data_dir, **run)
     run_ranks(cli_args(full, 3), 2, tmp_path, "full")
