@@ -299,3 +299,59 @@ def test_torchrun_trains_checkpoints_predicts_and_resumes(tmp_path, tiny_model_d
     assert "resumed from" in r.stdout + r.stderr
     steps = [x["step"] for x in read_log(out) if x["type"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def _rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of the workers torchrun started (read from their environment)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in kv)
+        except (OSError, IndexError, ValueError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the workers")
+def test_torchrun_tears_down_the_job_when_a_rank_is_killed(tmp_path, tiny_model_dir, data_dir):
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, max_steps=100000, save_every=100000, log_every=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MTBERT_DIST_TIMEOUT="60",
+               PYTHONPATH=f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    log = open(tmp_path / "torchrun.log", "w")
+    proc = subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "mtbert", "train",
+                             *cli_args(cfg, 4)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    metrics = Path(cfg.out) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
+        time.sleep(0.2)
+    pids = _rank_pids(proc.pid)
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signal.SIGKILL)
+    try:
+        rc = proc.wait(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("torchrun did not stop after a rank was killed")
+    text = (tmp_path / "torchrun.log").read_text()
+    assert rc != 0
+    assert "Signal 9 (SIGKILL) received by PID" in text, text[-3000:]
+    time.sleep(1)
+    for pid in pids.values():  # no worker is left behind
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue  # gone
+        assert "zombie" in status, status
