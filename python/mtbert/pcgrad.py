@@ -386,7 +386,9 @@ class PCGrad:
 
     Parameters with ``requires_grad=False`` are left out (and their ``.grad`` untouched).
     ``num_tasks`` sizes the buffer when ``task_params`` is not given; without either the
-    buffer is allocated at the first ``backward``.
+    buffer is allocated at the first ``backward``. ``sync``, when given, is called on the
+    (T, P) buffer between steps 1 and 2 and may change it in place: multi-process training
+    sums it over ranks there (``mtbert.distributed``), so the surgery sees global gradients.
     """
 
     def __init__(
