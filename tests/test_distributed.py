@@ -157,6 +157,18 @@ def test_bad_environment_and_timeout_are_clear_errors(monkeypatch):
         distributed.timeout_seconds()
 
 
+def test_resume_keeps_the_saved_global_batch(tmp_path):
+    ctx = distributed.Context(rank=0, world_size=4)
+    assert distributed.global_batch(ctx, 8, None) == (32, None)  # fresh: ranks x batch
+    state = tmp_path / "last" / "training_state.json"
+    state.parent.mkdir()
+    state.write_text(json.dumps({"step": 3}))  # written before multi-process training
+    size, note = distributed.global_batch(ctx, 8, tmp_path)
+    assert size == 8 and "world size 4 (saved with 1): the global batch stays 8" in note
+    state.write_text(json.dumps({"step": 3, "global_batch": 12, "world_size": 4}))
+    assert distributed.global_batch(ctx, 8, tmp_path) == (12, None)
+
+
 def test_pcgrad_buffer_memory():
     # (T + 1) float32 rows of P: 3 tasks on MiniLM's 22.7M shared parameters is ~363 MB
     assert distributed.pcgrad_buffer_bytes(3, 22_713_216) == 4 * 4 * 22_713_216

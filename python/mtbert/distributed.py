@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -363,18 +364,20 @@ def verify_identical(ctx: Context, model: torch.nn.Module) -> Optional[str]:
 
 # ---- resume: the global batch is part of the run
 
-def resume_global_batch(out: Path) -> Optional[tuple[int, int]]:
-    """(global batch, world size) stored in a resume checkpoint, or None (older checkpoints)."""
+def resume_global_batch(out: Path) -> Optional[tuple[Optional[int], int]]:
+    """(global batch, world size) stored in a resume checkpoint; (None, 1) for checkpoints
+    written before multi-process training (one process: global batch = --batch-size);
+    None when there is no readable checkpoint (the resume itself reports that)."""
     from . import checkpoint as ckpt
     folder = ckpt.existing_folder(Path(out) / "last")
     if folder is None:
         return None
-    try:
-        _, info = ckpt.load_training_state(folder)
-    except ckpt.CheckpointError:
+    try:  # the JSON half only (the tensors are read once, by the resume itself)
+        info = json.loads((folder / ckpt.STATE_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
     if "global_batch" not in info:
-        return None
+        return None, 1
     return int(info["global_batch"]), int(info.get("world_size", 1))
 
 
@@ -390,6 +393,7 @@ def global_batch(ctx: Context, batch_size: int, out: Optional[Path]) -> tuple[in
     if saved is None:
         return fresh, None
     size, world = saved
+    size = batch_size if size is None else size
     if world == ctx.world_size:
         return size, None
     return size, (f"resumed with world size {ctx.world_size} (saved with {world}): the global batch "
