@@ -220,10 +220,14 @@ def test_sharded_evaluation_scores_equal_one_process(tmp_path, tiny_model_dir, d
     run_ranks(args, 2, tmp_path, "eval")
     logged = [r for r in read_log(cfg.out) if r["type"] == "eval"][-1]
     model, meta, tokenizer = load_checkpoint(Path(cfg.out) / "last")
-    torch.set_num_threads(1)  # as the ranks ran
     dev = {t: encode_split(tokenizer, load_split(t, "dev", data_dir, limit=150), max_length=cfg.max_length)
            for t in ("sst", "para", "sts")}
-    metrics, _ = evaluate_tasks(model, dev, device=torch.device("cpu"), batch_size=16)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks ran
+    try:
+        metrics, _ = evaluate_tasks(model, dev, device=torch.device("cpu"), batch_size=16)
+    finally:
+        torch.set_num_threads(threads)
     assert logged["metrics"] == json.loads(json.dumps(metrics))
 
 
