@@ -132,9 +132,14 @@ def test_single_process_context_changes_nothing(monkeypatch):
     assert not ctx.active and ctx.world_size == 1 and ctx.is_main
     idx = np.arange(7)
     assert ctx.shard(idx) is idx and ctx.loss_weight(3, 7) == 1.0
-    assert ctx.pcgrad_sync() is None
-    window = {"examples": 3, "loss": {"sst": [1.0]}}
-    assert ctx.sum_window(window) is window
+    assert distributed.task_gradient_sync(ctx) is None
+    losses = {"sst": [1.0]}
+    summed, examples = ctx.sum_window(losses, 3)
+    assert summed is losses and examples == 3
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = grad = torch.full((3,), 2.0)
+    distributed.sum_gradients([param])
+    assert param.grad is grad and param.grad.tolist() == [2.0, 2.0, 2.0]
 
 
 def test_shards_cover_the_global_batch_in_order():

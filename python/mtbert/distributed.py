@@ -44,6 +44,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import checkpoint as ckpt
+from .batches import eval_batches
+from .data import MalformedRowWarning
+from .evaluate import autocast_context, evaluate_tasks as evaluate_local
+from .tasks import get_task
+
 ENV_TIMEOUT = "MTBERT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 900.0
 
@@ -157,28 +163,20 @@ class Context:
             self._flat = buf
         return buf[:size]
 
-    def pcgrad_sync(self) -> Optional[Callable[[torch.Tensor], None]]:
-        """The hook PCGrad calls on its (T, P) buffer of local per-task gradients."""
-        if not self.active:
-            return None
-        return lambda buffer: self.sum_(buffer, "the PCGrad per-task gradient sum")
-
-    def sum_window(self, window: dict) -> dict:
+    def sum_window(self, losses: dict[str, list[float]], examples: int) -> tuple[dict[str, list[float]], int]:
         """A log window (per-task lists of weighted per-step losses, example count) summed
         over ranks: the global per-step mean losses and the global example count."""
         if not self.active:
-            return window
-        tasks = list(window["loss"])
-        flat = [v for t in tasks for v in window["loss"][t]] + [float(window["examples"])]
+            return losses, examples
+        tasks = list(losses)
+        flat = [v for t in tasks for v in losses[t]] + [float(examples)]
         total = self.sum_(torch.tensor(flat, dtype=torch.float64), "the loss log").tolist()
-        out, i = dict(window), 0
-        out["loss"] = {}
+        summed, i = {}, 0
         for t in tasks:
-            n = len(window["loss"][t])
-            out["loss"][t] = total[i:i + n]
+            n = len(losses[t])
+            summed[t] = total[i:i + n]
             i += n
-        out["examples"] = int(round(total[-1]))
-        return out
+        return summed, int(round(total[-1]))
 
     # ---- random state (dropout masks differ per rank; resume restores each rank's)
 
@@ -243,6 +241,30 @@ _CURRENT = Context()
 
 def current() -> Context:
     return _CURRENT
+
+
+# ---- the gradient sync of a training step (identities in a single process)
+
+def sum_task_gradients(buffer: torch.Tensor) -> None:
+    """Sum a (T, P) buffer of this rank's per-task gradients over the ranks, in place.
+
+    The hook of any combination of per-task gradients (PCGrad's ``sync``, an aggregator):
+    called after the buffer is filled and BEFORE the combination, so that it combines the
+    global per-task gradients and every rank computes the identical update.
+    """
+    _CURRENT.sum_(buffer, "the per-task gradient sum")
+
+
+def task_gradient_sync(ctx: Context) -> Optional[Callable[[torch.Tensor], None]]:
+    """:func:`sum_task_gradients` under torchrun, None in a single process (nothing to do)."""
+    return sum_task_gradients if ctx.active else None
+
+
+def sum_gradients(params: Sequence[torch.Tensor], *, already_summed: Sequence[torch.Tensor] = ()) -> None:
+    """After the backward pass: the .grad of `params` summed over ranks (one flat all-reduce),
+    except those in `already_summed` (the shared parameters whose per-task gradients were
+    summed by :func:`sum_task_gradients` before their combination)."""
+    _CURRENT.all_reduce_grads(params, exclude=already_summed)
 
 
 def is_main() -> bool:
@@ -314,7 +336,6 @@ def init(device_name: str = "auto") -> Context:
     _CURRENT = Context(rank, world, local, device, backend)
     atexit.register(shutdown)
     if rank != 0:  # console output comes from rank 0 alone
-        from .data import MalformedRowWarning
         warnings.filterwarnings("ignore", category=MalformedRowWarning)
     return _CURRENT
 
@@ -368,7 +389,6 @@ def resume_global_batch(out: Path) -> Optional[tuple[Optional[int], int]]:
     """(global batch, world size) stored in a resume checkpoint; (None, 1) for checkpoints
     written before multi-process training (one process: global batch = --batch-size);
     None when there is no readable checkpoint (the resume itself reports that)."""
-    from . import checkpoint as ckpt
     folder = ckpt.existing_folder(Path(out) / "last")
     if folder is None:
         return None
@@ -411,9 +431,6 @@ def evaluate_tasks(ctx: Context, model, datasets: dict, *, device, batch_size: i
     is bitwise the one-process prediction; the per-rank arrays (zeros elsewhere) are summed,
     which is exact. Every rank gets all metrics.
     """
-    from .batches import eval_batches
-    from .evaluate import autocast_context, evaluate_tasks as evaluate_local
-    from .metrics import task_metrics
 
     if ctx.world_size == 1:
         return evaluate_local(model, datasets, device=device, batch_size=batch_size, precision=precision)
@@ -433,7 +450,7 @@ def evaluate_tasks(ctx: Context, model, datasets: dict, *, device, batch_size: i
             array = preds.numpy().astype(np.float32)  # predict_split's dtype
             predictions[task] = array
             if data.labels is not None:
-                metrics[task] = task_metrics(task, data.labels, array)
+                metrics[task] = get_task(task).metrics(data.labels, array)
     finally:
         model.train(was_training)
     return metrics, predictions

@@ -1,7 +1,10 @@
-"""The multi-task training loop.
+"""The multi-task training loop, in named phases.
 
-Read top to bottom: (1) configuration, (2) data, (3) model, (4) optimizer and
-schedule, (5) resume, (6) the loop, (7) final evaluation and predictions.
+Read top to bottom: (1) configuration; (2-5) `build_run`: data, model, optimizer and
+schedule into one `Run`; (6) `train_step`: forward losses -> backward (combine) ->
+clip -> optimizer step, then the `Evaluator` (dev scores, best checkpoint), `save_last`
+(resume checkpoint) and `TrainLog`; `train` ties them together, with resume;
+(7) `finish_run`: final evaluation and predictions.
 """
 
 from __future__ import annotations
@@ -19,23 +22,31 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .batches import EncodedSplit, TaskSampler, encode_split
-from .data import TASKS, load_split, resolve_data_dir, task_spec
+from .batches import EncodedSplit, TaskBatch, TaskSampler, encode_split
+from .data import load_split, resolve_data_dir
 from .inference import load_checkpoint, predict_files
-from .evaluate import autocast_context, evaluate_tasks, format_table, write_predictions
-from .metrics import overall_scores
+from .evaluate import autocast_context, evaluate_tasks, format_table
 from .model import BertModel
-from .multitask import ACTIVATIONS, MultitaskBert, MultitaskConfig, default_heads, task_loss
+from .multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS, MultitaskBert, MultitaskConfig, default_head, task_loss
 from .optim import AdamW
 from .pcgrad import PCGrad
 from .pretrained import resolve_model_dir
 from .regularization import capture_rng, class_weights, head_penalty, smart_loss
+from .tasks import get_task, overall_scores, register_definitions, uses_data_dir
 from .tokenizer import WordPieceTokenizer
 
 COMBINES = ("sum", "pcgrad")
 SAMPLINGS = ("round-robin", "proportional", "temperature")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
+PCGRAD_REDUCTIONS = ("sum", "mean")
+SMART_NORMS = ("linf", "l2")
+# Every TrainConfig field with a fixed set of values: the CLI's choices come from here.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "combine": COMBINES, "pcgrad_reduction": PCGRAD_REDUCTIONS, "sampling": SAMPLINGS,
+    "pooling": POOLINGS, "pair_encoding": PAIR_ENCODINGS, "activation": ACTIVATIONS,
+    "reg": PENALTIES, "smart_norm": SMART_NORMS, "precision": PRECISIONS,
+}
 
 
 # ---------------------------------------------------------------- (1) configuration
@@ -48,6 +59,8 @@ class TrainConfig:
     out: str = "runs/mtbert"
     # Tasks and budget
     tasks: list[str] = field(default_factory=lambda: ["sst", "para", "sts"])
+    # User tasks: name -> declaration (a TOML [tasks.NAME] table; see tasks.define_task).
+    task_definitions: dict[str, dict] = field(default_factory=dict)
     epochs: int = 3  # the default budget: 3 x 300 steps fits about 20 minutes on 2 CPU cores
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     steps_per_epoch: Optional[int] = 300  # 0 or None: one pass over `epoch_task`
@@ -70,7 +83,8 @@ class TrainConfig:
     # Model
     pooling: str = "mean"
     pair_encoding: str = "joint"
-    dropout_sst: Optional[float] = None  # None: the published default per head
+    dropout: dict[str, float] = field(default_factory=dict)  # task -> head dropout; absent: the task's default
+    dropout_sst: Optional[float] = None  # the earlier per-task flags, kept: they set `dropout`
     dropout_para: Optional[float] = None
     dropout_sts: Optional[float] = None
     dropout_cfimdb: Optional[float] = None
@@ -78,7 +92,8 @@ class TrainConfig:
     activation: str = "relu"
     freeze_encoder: bool = False
     # Regularization
-    class_weights: bool = False  # sentiment CE weights N / (K * N_i)
+    class_weights: bool = False  # CE weights N / (K * N_i) for the class_weight_tasks
+    class_weight_tasks: list[str] = field(default_factory=lambda: ["sst"])
     reg: str = "none"  # weight penalty on the chosen heads
     reg_weight: float = 0.05
     reg_tasks: list[str] = field(default_factory=lambda: ["sts"])
@@ -101,20 +116,18 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # Registered, and kept with absolute file paths (a resumed run may start elsewhere).
+        self.task_definitions = {task.name: {**self.task_definitions[task.name], **task.declared_files()}
+                                 for task in register_definitions(self.task_definitions)}
         for task in self.tasks:
-            task_spec(task)
+            get_task(task)
         if not self.tasks:
             raise ValueError("at least one task is needed")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks repeat: {self.tasks}")
-        checks = [
-            (self.combine in COMBINES, f"combine must be one of {COMBINES}"),
-            (self.pcgrad_reduction in ("sum", "mean"), "pcgrad_reduction must be sum or mean"),
-            (self.sampling in SAMPLINGS, f"sampling must be one of {SAMPLINGS}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.reg in PENALTIES, f"reg must be one of {PENALTIES}"),
-            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}"),
-            (self.smart_norm in ("linf", "l2"), "smart_norm must be linf or l2"),
+        checks = [(getattr(self, name) in values, f"{name} must be one of {values}")
+                  for name, values in CHOICES.items()]
+        checks += [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
@@ -128,9 +141,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
-        for name in ("reg_tasks", "smart_tasks"):
+        for name in ("reg_tasks", "smart_tasks", "class_weight_tasks"):
             for task in getattr(self, name):
-                task_spec(task)
+                get_task(task)
+        for task in self.class_weight_tasks:
+            if not get_task(task).uses_class_weights:
+                raise ValueError(f"class weights apply to K-way classification tasks; {task} is "
+                                 f"{get_task(task).kind}")
+        self.dropout = dict(self.dropout)
+        for task, legacy in LEGACY_DROPOUT.items():
+            value = getattr(self, legacy)
+            if value is not None:
+                if self.dropout.setdefault(task, value) != value:
+                    raise ValueError(f"{legacy}={value} and dropout {task}={self.dropout[task]} disagree")
+        for task, value in self.dropout.items():
+            get_task(task)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"dropout of {task} must be in [0, 1), got {value}")
         if self.epoch_task not in self.tasks:
             self.epoch_task = self.tasks[0]
 
@@ -145,6 +172,9 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s): {unknown}")
         return cls(**d)
 
+
+# The earlier per-task dropout options and the task each sets.
+LEGACY_DROPOUT = {"sst": "dropout_sst", "para": "dropout_para", "sts": "dropout_sts", "cfimdb": "dropout_cfimdb"}
 
 # The embedded default is tuned to finish on a 2-core CPU in about 20 minutes.
 PRESETS: dict[str, dict] = {
@@ -223,17 +253,22 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
 
+class DiscardedLog:
+    """The metrics log of ranks other than 0 under torchrun: rank 0 alone writes metrics.jsonl."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
 def build_model_config(cfg: TrainConfig, encoder_config: dict) -> MultitaskConfig:
-    heads = default_heads()
+    heads = {}
     for task in cfg.tasks:
-        head = heads[task]
-        dropout = getattr(cfg, f"dropout_{task}")
-        if dropout is not None:
-            head.dropout = dropout
+        head = heads[task] = default_head(task)
+        if task in cfg.dropout:
+            head.dropout = cfg.dropout[task]
         head.hidden_layers += cfg.extra_layers
         head.activation = cfg.activation
-    return MultitaskConfig(encoder=encoder_config, tasks=list(cfg.tasks),
-                           heads={t: heads[t] for t in cfg.tasks},
+    return MultitaskConfig(encoder=encoder_config, tasks=list(cfg.tasks), heads=heads,
                            pooling=cfg.pooling, pair_encoding=cfg.pair_encoding)
 
 
@@ -266,8 +301,47 @@ def _say(msg: str) -> None:
         tqdm.write(msg)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or continue, with resume=True) the training described by cfg; returns the summary."""
+# ---------------------------------------------------------------- (2-5) building the run
+
+@dataclass
+class Run:
+    """Everything one training run works with; built once by `build_run`."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    precision: str  # "fp32", "bf16" or "fp16" (autocast)
+    data_dir: Optional[Path]  # the handout data directory (None: no task needs it)
+    tokenizer: WordPieceTokenizer
+    data: RunData
+    model: MultitaskBert
+    trainable: list[torch.nn.Parameter]
+    optimizer: AdamW
+    samplers: dict[str, TaskSampler]
+    surgery: Optional[PCGrad]  # PCGrad gradient surgery, or None: plain sum of the losses
+    scaler: torch.amp.GradScaler  # loss scaling (active for fp16 only)
+    class_weights: dict[str, torch.Tensor]
+    task_probs: np.ndarray  # how often each task is drawn (sampling != round-robin)
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    dist: distributed.Context  # the process group (a single process: rank 0 of 1, no collectives)
+    global_batch: int  # examples per task and step over all ranks (the samplers' batch size)
+    step: int = 0  # optimizer steps taken
+    # this step's factor on each task's loss on this rank: its share of the global batch (set
+    # by next_batches; multi-process only, so that the sum over ranks is the global mean)
+    loss_shares: dict[str, float] = field(default_factory=dict)
+
+    def checkpoint_meta(self) -> dict:
+        """What every checkpoint of the run says about itself (model, training, tokenizer)."""
+        return {"model": self.model.config.to_dict(), "train": self.cfg.to_dict(),
+                "tokenizer": self.tokenizer.settings(), "step": self.step}
+
+
+def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
+    """Data, model, optimizer, samplers and schedule for `cfg` (the RNG use is fixed by the
+    seed: the same cfg builds the same run). Under torchrun, joins the process group first;
+    `resume` keeps the global batch saved in the run's resume checkpoint."""
     out = Path(cfg.out)
     dist = distributed.init(cfg.device)  # [ddp] joins the process group under torchrun
     if dist.is_main:
@@ -276,14 +350,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
-    # (2) data: each split tokenized once, kept as padded arrays
-    data_dir = resolve_data_dir(cfg.data_dir)
+    # data: each split tokenized once, kept as padded arrays; the handout data directory
+    # is needed only by tasks whose files are named relative to it (the built-ins)
+    data_dir = resolve_data_dir(cfg.data_dir) if uses_data_dir(cfg.tasks) else None
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
     t0 = time.time()
     data = load_run_data(cfg, tokenizer, data_dir)
     sizes = {t: len(d) for t, d in data.train.items()}
-    _say(f"data from {data_dir}: " + ", ".join(f"{t} {n} train / {len(data.dev[t])} dev"
+    _say(f"data from {data_dir or 'the task files'}: " + ", ".join(f"{t} {n} train / {len(data.dev[t])} dev"
                                                for t, n in sizes.items())
          + f" (tokenized in {time.time() - t0:.1f}s)")
     if data.bad_rows:
@@ -292,7 +367,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if n:
             _say(f"{task}: {n} example(s) truncated to {cfg.max_length} tokens")
 
-    # (3) model: the pretrained encoder plus fresh heads
+    # model: the pretrained encoder plus fresh heads
     encoder = BertModel.from_pretrained(model_dir)
     model = MultitaskBert(build_model_config(cfg, encoder.config.to_dict()), encoder)
     if cfg.freeze_encoder:
@@ -300,160 +375,270 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     model.to(device)
     dist.seed_dropout(cfg.seed)  # [ddp] per-rank dropout masks (rank 0 keeps the seed)
 
-    # (4) optimizer over trainable parameters only (frozen weights keep no state)
+    # optimizer over trainable parameters only (frozen weights keep no state), schedule
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # [ddp] samplers draw GLOBAL batches (same on every rank); each rank takes its slice
+    # [ddp] samplers draw GLOBAL batches (the same on every rank); next_batches takes this rank's slice
     global_batch, world_note = distributed.global_batch(dist, cfg.batch_size, out if resume else None)
     samplers = {t: TaskSampler(data.train[t].first.lengths, global_batch, cfg.seed, i, cfg.bucket)
                 for i, t in enumerate(cfg.tasks)}
     if dist.active:
         _say(f"{dist.world_size} rank(s) ({dist.backend}): global batch {global_batch} per task and step, "
              f"{cfg.batch_size} per rank")
+    if world_note:
+        _say(world_note)
     steps_per_epoch = cfg.steps_per_epoch or samplers[cfg.epoch_task].batches_per_epoch
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup_steps = int(cfg.warmup * total_steps)
-    probs = task_probabilities(sizes, cfg.sampling, cfg.temperature)
     weights = {}
-    if cfg.class_weights and "sst" in cfg.tasks:
-        weights["sst"] = class_weights(data.train["sst"].labels, TASKS["sst"].num_classes).to(device)
+    if cfg.class_weights:
+        for task in cfg.class_weight_tasks:
+            if task in cfg.tasks:
+                weights[task] = class_weights(data.train[task].labels, get_task(task).num_classes).to(device)
     surgery = None
     if cfg.combine == "pcgrad" and not cfg.freeze_encoder:
         surgery = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
-                         reduction=cfg.pcgrad_reduction, seed=cfg.seed, sync=dist.pcgrad_sync())
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+                         reduction=cfg.pcgrad_reduction, seed=cfg.seed,
+                         sync=distributed.task_gradient_sync(dist))  # [ddp] sums the (T, P) buffer over ranks
+    return Run(cfg=cfg, out=out, device=device, precision=precision, data_dir=data_dir, tokenizer=tokenizer,
+               data=data, model=model, trainable=trainable, optimizer=optimizer, samplers=samplers,
+               surgery=surgery, scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
+               class_weights=weights, task_probs=task_probabilities(sizes, cfg.sampling, cfg.temperature),
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               warmup_steps=int(cfg.warmup * total_steps), dist=dist, global_batch=global_batch)
 
-    # (5) resume: model, optimizer, RNG, samplers, step, best score
-    step, best_score, best_step = 0, -math.inf, None
-    if resume:
-        state = load_resume_state(out, model, optimizer, samplers, surgery)
-        step, best_score, best_step = state["step"], state["best_score"], state["best_step"]
-        _say(f"resumed from {out / 'last'} at step {step}/{total_steps}")
-        if world_note:
-            _say(world_note)
-        dist.restore_rng(state["rng_tensors"], cfg.seed, step)  # [ddp] each rank's own RNG
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if dist.is_main else None
-    meta_base = {"model": model.config.to_dict(), "train": cfg.to_dict(),
-                 "tokenizer": {"lowercase": tokenizer.lowercase}}
 
-    def save_last() -> None:
-        tensors, info = ckpt.optimizer_to_files(optimizer)
-        tensors.update(ckpt.rng_to_tensors())
-        tensors.update(dist.gather_rng())  # [ddp] collective: every rank's RNG state
-        if not dist.is_main:
-            return
-        info.update({"global_batch": global_batch, "world_size": dist.world_size})
-        info.update({"step": step, "best_score": best_score, "best_step": best_step,
-                     "samplers": {t: s.state_dict() for t, s in samplers.items()},
-                     "pcgrad": surgery.state_dict() if surgery is not None else None})
+# ---------------------------------------------------------------- (6) one training step
 
-        def fill(folder: Path) -> None:
-            ckpt.save_model_files(folder, model, {**meta_base, "step": step}, tokenizer.vocab_path)
-            ckpt.save_training_state(folder, tensors, info)
-        ckpt.write_folder_atomically(out / "last", fill)
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # task -> this step's loss (tasks drawn this step only)
+    lr: float  # the learning rate of the step
+    examples: int  # training examples in the step
+    pcgrad: Optional[object] = None  # PCGrad's conflict statistics, when it ran
 
-    def evaluate_dev() -> dict:
-        nonlocal best_score, best_step
-        metrics, _ = distributed.evaluate_tasks(dist, model, data.dev, device=device,  # [ddp] sharded
-                                                batch_size=cfg.eval_batch_size, precision=precision)
+
+def set_learning_rate(run: Run) -> float:
+    """Warmup-then-decay schedule; returns the factor applied to cfg.lr."""
+    factor = lr_factor(run.step, run.total_steps, run.warmup_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.cfg.lr * factor
+    return factor
+
+
+def drawn_tasks(run: Run) -> list[str]:
+    """The tasks of this step (the same on every rank)."""
+    return step_tasks(run.step, run.cfg.tasks, run.task_probs, run.cfg.seed, run.cfg.sampling)
+
+
+def next_batches(run: Run) -> dict[str, TaskBatch]:
+    """This step's batch of each drawn task, on the device. Under torchrun: this rank's slice
+    of each global batch (a task whose global batch has fewer examples than there are ranks
+    leaves some ranks without a batch), and `run.loss_shares` says each slice's share."""
+    batches = {}
+    run.loss_shares = {}
+    for task in drawn_tasks(run):
+        global_idx = run.samplers[task].next()
+        idx = run.dist.shard(global_idx)  # [ddp] this rank's slice (all of it in one process)
+        run.loss_shares[task] = run.dist.loss_weight(len(idx), len(global_idx))
+        if len(idx):
+            batches[task] = run.data.train[task].batch(idx).to(run.device)
+    return batches
+
+
+def forward_losses(run: Run, batches: dict[str, TaskBatch]) -> dict[str, torch.Tensor]:
+    """Each task's loss (with its regularizers) under the run's autocast."""
+    losses = {}
+    for task, batch in batches.items():
+        with autocast_context(run.device, run.precision):
+            losses[task] = compute_task_loss(run.model, task, batch, run.cfg, run.class_weights.get(task))
+        if run.dist.world_size > 1:  # [ddp] weighted by the slice's share: the sum over ranks is the mean
+            losses[task] = losses[task] * run.loss_shares[task]
+    return losses
+
+
+def backward(run: Run, losses: dict[str, torch.Tensor]):
+    """Fill the parameters' .grad from the task losses: their sum, or PCGrad's combination of
+    the per-task gradients. Returns PCGrad's statistics (or None)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    # [ddp] PCGrad or not: decided by the step's tasks, the same on every rank (a rank may lack a slice)
+    if run.surgery is not None and len(drawn_tasks(run)) > 1:
+        return run.surgery.backward([run.scaler.scale(losses[t]) if t in losses else None
+                                     for t in run.cfg.tasks])
+    if losses:  # [ddp] a rank without any example this step adds zeros to the sum over ranks
+        run.scaler.scale(sum(losses.values())).backward()
+    return None
+
+
+def clip_gradients(run: Run) -> None:
+    if run.cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.grad_clip)
+
+
+def optimizer_step(run: Run) -> None:
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+
+
+def train_step(run: Run) -> StepResult:
+    """One optimizer step, in four stages: forward losses -> backward (combine the task
+    gradients) -> clip -> optimizer step. Under torchrun the gradients are summed over the
+    ranks between `backward` and `clip_gradients`."""
+    lr = run.cfg.lr * set_learning_rate(run)
+    batches = next_batches(run)
+    losses = forward_losses(run, batches)
+    stats = backward(run, losses)
+    # [ddp] the exact sum over ranks; PCGrad's shared gradients were summed before its surgery
+    distributed.sum_gradients(run.trainable, already_summed=run.surgery.shared if stats is not None else ())
+    clip_gradients(run)
+    optimizer_step(run)
+    # [ddp] every task of the step gets a loss (0.0 on a rank without its slice): the logs sum over ranks
+    return StepResult({t: float(losses[t].detach()) if t in losses else 0.0 for t in run.loss_shares}, lr,
+                      sum(b.size for b in batches.values()), stats)
+
+
+# ---------------------------------------------------------------- (6) evaluation, saving, logging
+
+def save_best(run: Run, metrics: dict, scores: dict) -> None:
+    if not run.dist.is_main:  # [ddp] rank 0 alone writes checkpoints
+        return
+    ckpt.write_folder_atomically(run.out / "best", lambda folder: ckpt.save_model_files(
+        folder, run.model, {**run.checkpoint_meta(), "metrics": metrics, **scores}, run.tokenizer.vocab_path))
+
+
+def save_last(run: Run, evaluator: "Evaluator") -> None:
+    """The resume checkpoint: model, optimizer, RNG, samplers, step and best score."""
+    tensors, info = ckpt.optimizer_to_files(run.optimizer)
+    tensors.update(ckpt.rng_to_tensors())
+    tensors.update(run.dist.gather_rng())  # [ddp] collective: every rank's RNG state
+    if not run.dist.is_main:  # [ddp] rank 0 alone writes checkpoints
+        return
+    info.update({"global_batch": run.global_batch, "world_size": run.dist.world_size})
+    info.update({"step": run.step, "best_score": evaluator.best_score, "best_step": evaluator.best_step,
+                 "samplers": {t: s.state_dict() for t, s in run.samplers.items()},
+                 "pcgrad": run.surgery.state_dict() if run.surgery is not None else None})
+
+    def fill(folder: Path) -> None:
+        ckpt.save_model_files(folder, run.model, run.checkpoint_meta(), run.tokenizer.vocab_path)
+        ckpt.save_training_state(folder, tensors, info)
+    ckpt.write_folder_atomically(run.out / "last", fill)
+
+
+class Evaluator:
+    """Scores the dev data, logs the result, and keeps the best checkpoint by overall score."""
+
+    def __init__(self, log: MetricsLog, best_score: float = -math.inf, best_step: Optional[int] = None):
+        self.log = log
+        self.best_score = best_score
+        self.best_step = best_step
+
+    def __call__(self, run: Run) -> dict:
+        # [ddp] batches dealt over the ranks; every rank gets all metrics
+        metrics, _ = distributed.evaluate_tasks(run.dist, run.model, run.data.dev, device=run.device,
+                                                batch_size=run.cfg.eval_batch_size, precision=run.precision)
         scores = overall_scores(metrics)
-        if log is not None:
-            log.write({"type": "eval", "split": "dev", "step": step, "epoch": step / steps_per_epoch,
-                       "metrics": metrics, **scores})
-        line = ", ".join(f"{t} {m.get('accuracy', m.get('pearson')):.4f}" for t, m in metrics.items())
-        improved = scores["overall"] > best_score
-        _say(f"step {step}: dev {line}; overall {scores['overall']:.4f}"
+        self.log.write({"type": "eval", "split": "dev", "step": run.step,
+                        "epoch": run.step / run.steps_per_epoch, "metrics": metrics, **scores})
+        line = ", ".join(f"{t} {m[get_task(t).headline_metric]:.4f}" for t, m in metrics.items())
+        improved = scores["overall"] > self.best_score
+        _say(f"step {run.step}: dev {line}; overall {scores['overall']:.4f}"
              + (" (best so far, saved)" if improved else ""))
         if improved:
-            best_score, best_step = scores["overall"], step
-        if improved and dist.is_main:
-            ckpt.write_folder_atomically(out / "best", lambda folder: ckpt.save_model_files(
-                folder, model, {**meta_base, "step": step, "metrics": metrics, **scores},
-                tokenizer.vocab_path))
+            self.best_score, self.best_step = scores["overall"], run.step
+            save_best(run, metrics, scores)
         return metrics
 
-    # (6) the loop: each step takes one batch per task, combines the losses, updates
-    model.train()
-    if cfg.freeze_encoder:
-        model.bert.eval()  # a frozen encoder is a fixed feature extractor: no dropout
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step",
-               disable=not (cfg.progress and dist.is_main),
-               dynamic_ncols=True)
-    window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
-    while step < total_steps:
-        factor = lr_factor(step, total_steps, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * factor
-        losses = {}
-        tasks_now = step_tasks(step, cfg.tasks, probs, cfg.seed, cfg.sampling)
-        for task in tasks_now:
-            global_idx = samplers[task].next()
-            idx = dist.shard(global_idx)  # [ddp] this rank's slice of the global batch
-            if len(idx) == 0:  # [ddp] fewer examples than ranks: this rank adds zeros
-                window["loss"][task].append(0.0)
-                continue
-            task_batch = data.train[task].batch(idx).to(device)
-            with autocast_context(device, precision):
-                losses[task] = compute_task_loss(model, task, task_batch, cfg, weights.get(task))
-            if dist.world_size > 1:  # [ddp] summed over ranks: the mean over the global batch
-                losses[task] = losses[task] * dist.loss_weight(len(idx), len(global_idx))
-            window["examples"] += task_batch.size
-            window["loss"][task].append(float(losses[task].detach()))
-        optimizer.zero_grad(set_to_none=True)
-        stats = None
-        if surgery is not None and len(tasks_now) > 1:  # [ddp] decided by the global step tasks
-            stats = surgery.backward([scaler.scale(losses[t]) if t in losses else None
-                                      for t in cfg.tasks])
-            dist.all_reduce_grads(trainable, exclude=surgery.shared)  # [ddp] heads (shared: synced in PCGrad)
-        else:
-            if losses:
-                scaler.scale(sum(losses.values())).backward()
-            dist.all_reduce_grads(trainable)  # [ddp] exact sum over ranks, one flat all-reduce
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        bar.update(1)
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            window = dist.sum_window(window)  # [ddp] global losses and example counts
-            elapsed = max(time.time() - window["time"], 1e-9)
-            mean_loss = {t: float(np.mean(v)) for t, v in window["loss"].items() if v}
-            record = {"type": "train", "step": step, "epoch": step / steps_per_epoch,
-                      "lr": cfg.lr * factor, "loss": mean_loss,
-                      "examples_per_s": window["examples"] / elapsed}
+class TrainLog:
+    """Training lines of metrics.jsonl: mean losses and throughput over each log window,
+    PCGrad's conflict statistics every step."""
+
+    def __init__(self, run: Run, log: MetricsLog):
+        self.run, self.log = run, log
+        self._reset()
+
+    def _reset(self) -> None:
+        self.examples, self.time = 0, time.time()
+        self.losses: dict[str, list[float]] = {t: [] for t in self.run.cfg.tasks}
+
+    def record(self, result: StepResult) -> Optional[dict]:
+        """Add one step; returns the mean losses when a log line was written."""
+        run = self.run
+        self.examples += result.examples
+        for task, value in result.losses.items():
+            self.losses[task].append(value)
+        stats = result.pcgrad
+        if run.step % run.cfg.log_every == 0 or run.step == run.total_steps:
+            # [ddp] collective: the global per-step losses and example count
+            self.losses, self.examples = run.dist.sum_window(self.losses, self.examples)
+            elapsed = max(time.time() - self.time, 1e-9)
+            mean_loss = {t: float(np.mean(v)) for t, v in self.losses.items() if v}
+            record = {"type": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
+                      "lr": result.lr,
+                      "loss": mean_loss, "examples_per_s": self.examples / elapsed}
             if stats is not None:
                 record["pcgrad"] = {"cosine": stats.cosine.tolist(), "conflicts": stats.conflicts,
                                     "conflict_pairs": stats.conflict_pairs}
-            if log is not None:
-                log.write(record)
-            bar.set_postfix({**{t: f"{v:.3f}" for t, v in mean_loss.items()},
-                             "ex/s": f"{record['examples_per_s']:.0f}"})
-            window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
-        elif stats is not None and log is not None:
+            self.log.write(record)
+            self._reset()
+            return record
+        if stats is not None:
             # Conflict statistics are logged every step (they are cheap: a T x T matrix).
-            log.write({"type": "pcgrad", "step": step, "cosine": stats.cosine.tolist(),
-                       "conflicts": stats.conflicts, "conflict_pairs": stats.conflict_pairs})
+            self.log.write({"type": "pcgrad", "step": run.step, "cosine": stats.cosine.tolist(),
+                            "conflicts": stats.conflicts, "conflict_pairs": stats.conflict_pairs})
+        return None
 
-        at_epoch_end = step % steps_per_epoch == 0
-        at_eval = cfg.eval_every is not None and step % cfg.eval_every == 0
-        if at_epoch_end or at_eval or step == total_steps:
-            evaluate_dev()
-            save_last()
-        elif step % cfg.save_every == 0:
-            save_last()
+
+def due(run: Run) -> tuple[bool, bool]:
+    """(evaluate now, save the resume checkpoint now) after the step just taken."""
+    step, cfg = run.step, run.cfg
+    evaluate = (step % run.steps_per_epoch == 0 or step == run.total_steps
+                or (cfg.eval_every is not None and step % cfg.eval_every == 0))
+    return evaluate, evaluate or step % cfg.save_every == 0
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run (or continue, with resume=True) the training described by cfg; returns the summary."""
+    run = build_run(cfg, resume=resume)
+    main = run.dist.is_main  # [ddp] rank 0 alone writes metrics.jsonl
+    if not resume:
+        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl") if main else DiscardedLog())
+    else:
+        state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.surgery)
+        run.step = state["step"]
+        run.dist.restore_rng(state["rng_tensors"], cfg.seed, run.step)  # [ddp] each rank's own RNG
+        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl", resume_step=run.step) if main
+                              else DiscardedLog(), state["best_score"], state["best_step"])
+        _say(f"resumed from {run.out / 'last'} at step {run.step}/{run.total_steps}")
+    train_log = TrainLog(run, evaluator.log)
+
+    run.model.train()
+    if cfg.freeze_encoder:
+        run.model.bert.eval()  # a frozen encoder is a fixed feature extractor: no dropout
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
+               disable=not (cfg.progress and run.dist.is_main), dynamic_ncols=True)  # [ddp] rank 0's bar
+    while run.step < run.total_steps:
+        result = train_step(run)
+        bar.update(1)
+        record = train_log.record(result)
+        if record is not None:
+            bar.set_postfix({**{t: f"{v:.3f}" for t, v in record["loss"].items()},
+                             "ex/s": f"{record['examples_per_s']:.0f}"})
+        evaluate, save = due(run)
+        if evaluate:
+            evaluator(run)
+        if save:
+            save_last(run, evaluator)
     bar.close()
-
-    digest = distributed.verify_identical(dist, model)  # [ddp] all ranks hold the same weights
+    digest = distributed.verify_identical(run.dist, run.model)  # [ddp] all ranks hold the same weights
     if digest:
-        _say(f"weights bitwise identical on all {dist.world_size} rank(s) (sha256 {digest})")
+        _say(f"weights bitwise identical on all {run.dist.world_size} rank(s) (sha256 {digest})")
 
     # (7) the best checkpoint, evaluated on the full dev split, with predictions
-    if not dist.is_main:  # [ddp] rank 0 alone evaluates the best checkpoint and writes files
-        return {}
-    return finish_run(out, cfg, data_dir, device, precision, best_step, data)
+    return finish_run(run.out, cfg, run.data_dir, run.device, run.precision, evaluator.best_step, run.data)
 
 
 def compute_task_loss(model: MultitaskBert, task: str, batch, cfg: TrainConfig,
@@ -485,7 +670,7 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
     state_tensors, info = ckpt.load_training_state(folder)
     ckpt.optimizer_from_files(optimizer, state_tensors, info)
     ckpt.rng_from_tensors(state_tensors)
-    info["rng_tensors"] = {k: v for k, v in state_tensors.items() if k.startswith("rng.rank")}
+    info["rng_tensors"] = {k: v for k, v in state_tensors.items() if k.startswith("rng.rank")}  # [ddp]
     for task, sampler in samplers.items():
         sampler.load_state_dict(info["samplers"][task])
     if surgery is not None and info.get("pcgrad"):
@@ -495,6 +680,8 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
 
 def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: str, best_step,
                data: RunData) -> dict:
+    if not distributed.is_main():  # [ddp] rank 0 alone evaluates the best checkpoint and writes files
+        return {}
     model, meta, tokenizer = load_checkpoint(out / "best", device=device)
     if cfg.predict:
         metrics = predict_files(model, tokenizer, meta, cfg.tasks, "dev", data_dir, out, device=device,
@@ -521,12 +708,16 @@ def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: s
 
 
 def config_from_sources(preset: Optional[str], file_values: dict, flag_values: dict) -> TrainConfig:
-    """defaults < preset < config file < flags given on the command line."""
+    """defaults < preset < config file < flags given on the command line (per entry for
+    mappings such as `dropout`)."""
     values: dict = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
-    values.update(file_values)
-    values.update(flag_values)
+    for source in (file_values, flag_values):
+        for key, value in source.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                value = {**values[key], **value}  # mappings (dropout per task) merge entry by entry
+            values[key] = value
     return TrainConfig.from_dict(values)
