@@ -45,6 +45,26 @@ def predict_split(model: MultitaskBert, data: EncodedSplit, *, device: torch.dev
     return preds if preds is not None else np.zeros(0)
 
 
+@torch.no_grad()
+def cache_features(model: MultitaskBert, data: EncodedSplit, *, device: torch.device,
+                   batch_size: int = 64, precision: str = "fp32") -> None:
+    """Store in `data.features` what the (frozen) encoder gives every row: a frozen run then
+    trains and evaluates its heads without running the encoder again each epoch."""
+    was_training = model.training
+    model.eval()
+    features: Optional[torch.Tensor] = None
+    try:
+        for idx, batch in eval_batches(data, batch_size):
+            with autocast_context(device, precision):
+                out = model.features(data.task, batch.to(device))
+            if features is None:
+                features = out.new_empty((len(data), out.shape[-1]))
+            features[torch.from_numpy(idx).to(out.device)] = out
+    finally:
+        model.train(was_training)
+    data.features = features
+
+
 def evaluate_tasks(model: MultitaskBert, datasets: dict[str, EncodedSplit], *, device: torch.device,
                    batch_size: int = 64, precision: str = "fp32"
                    ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
