@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import finite, runfolder
 from .batches import EncodedSplit, TaskSampler, encode_split
 from .data import TASKS, load_split, resolve_data_dir, task_spec
 from .inference import load_checkpoint, predict_files
@@ -30,6 +31,7 @@ from .pcgrad import PCGrad
 from .pretrained import resolve_model_dir
 from .regularization import capture_rng, class_weights, head_penalty, smart_loss
 from .tokenizer import WordPieceTokenizer
+from .validation import config_problems, device_problem
 
 COMBINES = ("sum", "pcgrad")
 SAMPLINGS = ("round-robin", "proportional", "temperature")
@@ -100,6 +102,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # robustness hook: the same ranges as the flags (validation.LIMITS), all problems at once
+        problems = config_problems(asdict(self))
+        if problems:
+            raise ValueError("; ".join(problems))
         for task in self.tasks:
             task_spec(task)
         if not self.tasks:
@@ -160,6 +166,8 @@ PRESETS: dict[str, dict] = {
 # ---------------------------------------------------------------- helpers
 
 def pick_device(name: str) -> torch.device:
+    if device_problem(name):  # robustness hook: torch.device("bad") raises a RuntimeError
+        raise ValueError(device_problem(name))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -211,9 +219,10 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: Optional[int] = None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            # robustness hook: a torn last line (a kill mid-write) is dropped with a warning,
+            # and the log is rewritten atomically
+            kept = [r for r in runfolder.read_records(path) if r.get("step", 0) <= resume_step]
+            runfolder.rewrite_records(path, kept)
         elif resume_step is None:
             path.write_text("", encoding="utf-8")
 
@@ -265,9 +274,18 @@ def _say(msg: str) -> None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or continue, with resume=True) the training described by cfg; returns the summary."""
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Run (or continue, with resume=True) the training described by cfg; returns the summary.
+
+    The run folder is locked for the whole run (a second run on it is refused) and healed
+    first (see runfolder.py)."""
+    # robustness hook: one run per folder; leftovers of a killed checkpoint write repaired
+    with runfolder.locked_run_folder(Path(cfg.out)) as out:
+        for action in runfolder.heal(out):
+            _say(f"{out}: {action}")
+        return _train_locked(cfg, out, resume=resume)
+
+
+def _train_locked(cfg: TrainConfig, out: Path, *, resume: bool) -> dict:
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
@@ -324,11 +342,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                  "tokenizer": {"lowercase": tokenizer.lowercase}}
 
     def save_last() -> None:
+        finite.check_weights(model, step)  # robustness hook: never save NaN weights
         tensors, info = ckpt.optimizer_to_files(optimizer)
         tensors.update(ckpt.rng_to_tensors())
         info.update({"step": step, "best_score": best_score, "best_step": best_step,
                      "samplers": {t: s.state_dict() for t, s in samplers.items()},
-                     "pcgrad": surgery.state_dict() if surgery is not None else None})
+                     "pcgrad": surgery.state_dict() if surgery is not None else None,
+                     # robustness hook: the open loss window, so the first loss record after a
+                     # resume averages the same steps as an uninterrupted run
+                     "log_window": {"examples": window["examples"], "loss": window["loss"]}})
 
         def fill(folder: Path) -> None:
             ckpt.save_model_files(folder, model, {**meta_base, "step": step}, tokenizer.vocab_path)
@@ -347,6 +369,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         _say(f"step {step}: dev {line}; overall {scores['overall']:.4f}"
              + (" (best so far, saved)" if improved else ""))
         if improved:
+            finite.check_weights(model, step)  # robustness hook: never save NaN weights
             best_score, best_step = scores["overall"], step
             ckpt.write_folder_atomically(out / "best", lambda folder: ckpt.save_model_files(
                 folder, model, {**meta_base, "step": step, "metrics": metrics, **scores},
@@ -360,6 +383,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress,
                dynamic_ncols=True)
     window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
+    # robustness hook: continue the loss window saved with the checkpoint; a checkpoint
+    # without one (older format) marks the first record after the resume as partial
+    partial_window = False
+    if resume:
+        saved_window = state.get("log_window")
+        partial_window = saved_window is None
+        if saved_window is not None:
+            window["examples"] = saved_window["examples"]
+            window["loss"] = {t: list(saved_window["loss"].get(t, [])) for t in cfg.tasks}
     while step < total_steps:
         factor = lr_factor(step, total_steps, warmup_steps)
         for group in optimizer.param_groups:
@@ -370,7 +402,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             with autocast_context(device, precision):
                 losses[task] = compute_task_loss(model, task, batch, cfg, weights.get(task))
             window["examples"] += batch.size
-            window["loss"][task].append(float(losses[task].detach()))
+            # robustness hook: a NaN/inf loss stops the run before backward
+            window["loss"][task].append(finite.check_loss(losses[task], step, task))
         optimizer.zero_grad(set_to_none=True)
         stats = None
         if surgery is not None and len(losses) > 1:
@@ -380,7 +413,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             scaler.scale(sum(losses.values())).backward()
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        else:
+            norm = None if scaler.is_enabled() else finite.grad_norm(trainable)
+        if norm is not None and not scaler.is_enabled():
+            # robustness hook: under fp16 the scaler itself skips inf steps; otherwise stop
+            finite.check_grad_norm(norm, step, list(losses))
         scaler.step(optimizer)
         scaler.update()
         step += 1
@@ -392,6 +430,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
             record = {"type": "train", "step": step, "epoch": step / steps_per_epoch,
                       "lr": cfg.lr * factor, "loss": mean_loss,
                       "examples_per_s": window["examples"] / elapsed}
+            if partial_window:
+                record["partial_window"] = True  # robustness hook: fewer steps than log_every
+                partial_window = False
             if stats is not None:
                 record["pcgrad"] = {"cosine": stats.cosine.tolist(), "conflicts": stats.conflicts,
                                     "conflict_pairs": stats.conflict_pairs}
@@ -444,12 +485,21 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
     tensors = ckpt.load_tensors(folder / ckpt.MODEL_FILE)
     ckpt.load_state_into(model, tensors, folder / ckpt.MODEL_FILE)
     state_tensors, info = ckpt.load_training_state(folder)
-    ckpt.optimizer_from_files(optimizer, state_tensors, info)
-    ckpt.rng_from_tensors(state_tensors)
-    for task, sampler in samplers.items():
-        sampler.load_state_dict(info["samplers"][task])
-    if surgery is not None and info.get("pcgrad"):
-        surgery.load_state_dict(info["pcgrad"])
+    # robustness hook: the JSON is schema-checked in load_training_state; what does not fit
+    # this run (tasks, optimizer groups, RNG tensors) is a CheckpointError too
+    missing = [t for t in samplers if t not in info["samplers"]]
+    if missing:
+        raise ckpt.CheckpointError(f"{folder / ckpt.STATE_JSON} has no sampler state for {missing}")
+    try:
+        ckpt.optimizer_from_files(optimizer, state_tensors, info)
+        ckpt.rng_from_tensors(state_tensors)
+        for task, sampler in samplers.items():
+            sampler.load_state_dict(info["samplers"][task])
+        if surgery is not None and info.get("pcgrad"):
+            surgery.load_state_dict(info["pcgrad"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise ckpt.CheckpointError(f"{folder}: the training state does not fit this run: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     return info
 
 
