@@ -104,6 +104,33 @@ class MalformedRowWarning(UserWarning):
     """A data row was skipped; the message gives file, line and reason."""
 
 
+class DuplicateIdWarning(UserWarning):
+    """A training file holds the same id on several rows (the rows are all kept)."""
+
+
+# robustness hook: the csv module refuses fields over 128 KiB by default; a line is read
+# whole anyway, so any field that fits in memory is accepted.
+_FIELD_LIMIT = 2**31 - 1
+
+
+def check_duplicate_ids(path: Path, split: str, examples: list[Example], *, warn: bool = True) -> None:
+    """Predictions are keyed by id: a repeated id is an error in dev/test, a warning in train."""
+    seen: dict[str, int] = {}
+    repeated: list[str] = []
+    for ex in examples:
+        seen[ex.id] = seen.get(ex.id, 0) + 1
+        if seen[ex.id] == 2:
+            repeated.append(ex.id)
+    if not repeated:
+        return
+    listing = ", ".join(repr(i) for i in repeated[:5]) + (" ..." if len(repeated) > 5 else "")
+    message = f"{path}: {len(repeated)} id(s) appear on several rows: {listing}"
+    if split != "train":
+        raise DataFormatError(message + " (predictions are keyed by id)")
+    if warn:
+        warnings.warn(message, DuplicateIdWarning, stacklevel=3)
+
+
 def _known_file_names() -> set[str]:
     return {spec.path(Path(), split).name for spec in TASKS.values() for split in SPLITS}
 
@@ -184,6 +211,8 @@ def read_split(
     warn: bool = True,
 ) -> Split:
     """Read one handout file into a Split; malformed rows are reported, never dropped silently."""
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)  # robustness hook (see _FIELD_LIMIT)
     text = _decode(path)
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -203,7 +232,11 @@ def read_split(
     bad: list[BadRow] = []
     for line_no, line in enumerate(lines[1:], start=2):
         line = line.rstrip("\r")
-        row = next(csv.reader([line], delimiter="\t"), [])
+        try:
+            row = next(csv.reader([line], delimiter="\t"), [])
+        except csv.Error as exc:  # robustness hook: a line the csv module cannot parse is a bad row
+            bad.append(BadRow(path, line_no, f"unreadable: {exc}"))
+            continue
         try:
             if len(row) != width:
                 raise ValueError(f"expected {width} fields, found {len(row)}")
@@ -228,6 +261,7 @@ def read_split(
         if warn:
             for b in bad:
                 warnings.warn(f"skipped malformed row {b}", MalformedRowWarning, stacklevel=2)
+    check_duplicate_ids(path, split, examples, warn=warn)  # robustness hook
     return Split(spec, split, path, examples, bad)
 
 
