@@ -21,14 +21,12 @@ class Limit:
     hi_open: bool = False
 
     def describe(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            return (f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}"
-                    f"{')' if self.hi_open else ']'}")
+        parts = []
         if self.lo is not None:
-            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
         if self.hi is not None:
-            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
-        return "a finite number"
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return " and ".join(parts) or "a finite number"
 
     def problem(self, name: str, value: Any) -> Optional[str]:
         """None if `value` is allowed, else a message such as 'lr must be > 0, got -1.0'."""
@@ -57,7 +55,7 @@ LIMITS: dict[str, Limit] = {
     "eval_limit": _POSITIVE_INT,
     "batch_size": _POSITIVE_INT,
     "eval_batch_size": _POSITIVE_INT,
-    "lr": Limit(float, 0.0, lo_open=True),
+    "lr": Limit(float, 0.0, 1e3, lo_open=True),  # above, Adam's float32 step size can overflow
     "weight_decay": _NON_NEGATIVE,
     "warmup": _FRACTION,
     "grad_clip": _NON_NEGATIVE,  # 0: off
