@@ -454,6 +454,18 @@ def test_a_crafted_training_configuration_is_refused_on_resume(tmp_path, finishe
                    "saved training configuration is invalid", "lr must be a number")
 
 
+def test_a_resume_of_a_folder_in_use_is_refused(tmp_path, finished_run):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    holder = _hold_lock(run)
+    try:
+        result = CliRunner().invoke(train_cmd, ["--resume", str(run), "--no-progress"])
+        one_line_error(result, 2, f"is in use by pid {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_the_undamaged_checkpoint_passes_the_schema(tmp_path, finished_run):
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)

@@ -65,7 +65,7 @@ TRAIN_HELP: dict[str, str] = {
     "smart_noise": "Std of SMART's initial noise.",
     "smart_norm": "SMART perturbation ball.",
     "seed": "Random seed (CPU runs are fully reproducible).",
-    "device": "auto (CUDA when available), cpu, cuda, cuda:N.",
+    "device": "auto (CUDA when available), cpu, cuda, cuda:N, mps.",
     "precision": "auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16 (GPU).",
     "log_every": "Write a training line to metrics.jsonl every N steps.",
     "eval_every": "Also evaluate on dev every N steps.",
