@@ -9,14 +9,33 @@ their whole state is two integers and a resumed run draws the same batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from .data import Split
-from .multitask import TaskBatch
 from .tokenizer import WordPieceTokenizer
+
+
+class TaskBatch(NamedTuple):
+    """Token ids of one batch of one task; the `_b` fields hold the second sentences
+    when pairs are encoded separately."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    token_type_ids: torch.Tensor  # (B, L)
+    labels: Optional[torch.Tensor] = None  # (B,) int64 classes or float scores
+    input_ids_b: Optional[torch.Tensor] = None
+    attention_mask_b: Optional[torch.Tensor] = None
+    token_type_ids_b: Optional[torch.Tensor] = None
+
+    def to(self, device) -> "TaskBatch":
+        return TaskBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
 
 
 @dataclass
@@ -104,8 +123,7 @@ def encode_split(tokenizer: WordPieceTokenizer, split: Split, *, max_length: int
         first, truncated = _encode(tokenizer, texts, None, max_length)
     labels = None
     if split.labeled:
-        dtype = np.float32 if split.task.kind == "regression" else np.int64
-        labels = np.array([ex.label for ex in examples], dtype=dtype)
+        labels = np.array([ex.label for ex in examples], dtype=split.task.label_dtype)
     return EncodedSplit(split.task.name, split.split, [ex.id for ex in examples], first, second,
                         labels, truncated + truncated_b)
 

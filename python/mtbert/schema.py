@@ -119,9 +119,12 @@ def anything(value, where):
 
 # ---- the checkpoint schemas
 
-def _tasks() -> tuple[str, ...]:
-    from .data import TASKS
-    return tuple(TASKS)
+def _task_name(value, where):
+    """A task name; whether it is known (built in, or defined in the checkpoint's
+    `task_definitions`) is checked when the model configuration is rebuilt."""
+    string(value, where)
+    if not value.strip():
+        raise SchemaError(f"{where} is an empty task name")
 
 
 def _head() -> Check:
@@ -132,18 +135,34 @@ def _head() -> Check:
 
 def _model() -> Check:
     from .multitask import PAIR_ENCODINGS, POOLINGS
-    return obj({"encoder": dict_of(anything), "tasks": list_of(one_of(*_tasks()), min_len=1),
+    # task_definitions: user tasks (tasks.Task.to_dict() each), rebuilt and checked by
+    # MultitaskConfig in _rebuild_configs
+    return obj({"encoder": dict_of(anything), "tasks": list_of(_task_name, min_len=1),
                 "heads": dict_of(_head()), "pooling": one_of(*POOLINGS),
-                "pair_encoding": one_of(*PAIR_ENCODINGS)})
+                "pair_encoding": one_of(*PAIR_ENCODINGS)},
+               {"task_definitions": dict_of(dict_of(anything))})
+
+
+def _step_of_a_training_run(meta, where):
+    """A checkpoint written by a training run (its `train` holds the configuration) always
+    records its step; a minimal checkpoint (model and tokenizer only) need not."""
+    if isinstance(meta, dict) and meta.get("train") and "step" not in meta:
+        raise SchemaError(f"{where}.step is missing")
 
 
 def meta_schema() -> Check:
     # "train" is only read for max_length here; --resume rebuilds the whole TrainConfig
     # (train_config_for_resume), so evaluating a checkpoint does not depend on every option.
     train = obj({}, {"max_length": integer(8, 512)})
-    return obj({"format": one_of(1), "model": _model(), "train": train, "step": integer(0)},
-               {"tokenizer": obj({"lowercase": boolean}), "overall": nullable(number(finite=False)),
-                "metrics": dict_of(dict_of(anything))})
+    tokenizer = obj({"lowercase": boolean}, {"strip_accents": nullable(boolean)})
+    fields = obj({"format": one_of(1), "model": _model(), "train": train},
+                 {"step": integer(0), "tokenizer": tokenizer, "overall": nullable(number(finite=False)),
+                  "metrics": dict_of(dict_of(anything))})
+
+    def check(value, where):
+        fields(value, where)
+        _step_of_a_training_run(value, where)
+    return check
 
 
 def state_schema() -> Check:

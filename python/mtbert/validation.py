@@ -78,6 +78,12 @@ LIMITS: dict[str, Limit] = {
     "save_every": _POSITIVE_INT,
 }
 
+# Fields that map a task to a number (TOML tables, or --dropout TASK=VALUE flags): each value
+# is checked against the limit; the task names are checked by the task registry.
+MAPPING_LIMITS: dict[str, Limit] = {"dropout": _FRACTION}
+# Fields that list task names (comma-separated flags, TOML arrays).
+TASK_LISTS = ("tasks", "reg_tasks", "smart_tasks", "class_weight_tasks")
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -95,6 +101,26 @@ def config_problems(values: dict[str, Any]) -> list[str]:
             message = limit.problem(name, values[name])
             if message:
                 problems.append(message)
+    for name, limit in MAPPING_LIMITS.items():
+        mapping = values.get(name)
+        if mapping is None:
+            continue
+        if not isinstance(mapping, dict):
+            problems.append(f"{name} must map tasks to numbers (TASK=VALUE), got {mapping!r}")
+            continue
+        for task, value in mapping.items():
+            message = limit.problem(f"{name} of {task}", value)
+            if message:
+                problems.append(message)
+    for name in TASK_LISTS:
+        names = values.get(name)
+        if names is not None and (not isinstance(names, (list, tuple))
+                                  or not all(isinstance(n, str) for n in names)):
+            problems.append(f"{name} must be a list of task names, got {names!r}")
+    definitions = values.get("task_definitions")
+    if definitions is not None and (not isinstance(definitions, dict)
+                                    or not all(isinstance(d, dict) for d in definitions.values())):
+        problems.append(f"task_definitions must map task names to [tasks.NAME] tables, got {definitions!r}")
     if "device" in values:
         message = device_problem(values["device"])
         if message:
