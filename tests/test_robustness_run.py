@@ -338,6 +338,8 @@ BAD_FLAGS = [
     (["--weight-decay", "inf"], "weight_decay must be a finite number"),
     (["--smart-weight", "-1"], "smart_weight must be >= 0"),
     (["--reg-weight", "-inf"], "reg_weight must be a finite number"),
+    (["--dropout", "sst=1.5"], "dropout of sst must be >= 0 and < 1"),
+    (["--dropout", "sts=0.1,sst=nan"], "dropout of sst must be a finite number"),
 ]
 
 
@@ -349,7 +351,7 @@ def test_bad_option_values_are_refused_where_parsed(tmp_path, flags, message):
 
 
 CONFIG_VALUES = [(f[0][2:].replace("-", "_"), f[1], message) for f, message in BAD_FLAGS
-                 if f[1] != "fast"]
+                 if f[1] != "fast" and f[0] != "--dropout"]
 
 
 @pytest.mark.parametrize("name, raw, message", CONFIG_VALUES, ids=[f"{n}={r}" for n, r, _ in CONFIG_VALUES])
@@ -359,6 +361,20 @@ def test_config_values_are_checked_like_flags(name, raw, message):
     value = raw if name == "device" else LIMITS[name].kind(raw)
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"dropout": {"sst": 1.5}}, "dropout of sst must be >= 0 and < 1, got 1.5"),
+    ({"dropout": {"sst": "x"}}, "dropout of sst must be a number, got 'x'"),
+    ({"dropout": [0.5]}, "dropout must map tasks to numbers"),
+    ({"tasks": "sst"}, "tasks must be a list of task names"),
+    ({"class_weight_tasks": [1]}, "class_weight_tasks must be a list of task names"),
+    ({"task_definitions": {"mine": "x.csv"}}, "task_definitions must map task names to [tasks.NAME] tables"),
+])
+def test_the_registry_options_are_checked_too(values, message):
+    """The task mapping and task lists (config files, Python callers) fail with one ValueError."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**values)
 
 
 def test_config_file_types_are_checked(tmp_path):
@@ -407,6 +423,7 @@ META_CORRUPTIONS = [
     ("model.encoder.hidden_size", "big"), ("model.encoder.num_attention_heads", 5),
     ("model.encoder", None), ("step", -1), ("step", 1.5), ("step", DELETE), ("format", 2),
     ("tokenizer.lowercase", "yes"), ("train.max_length", 100000), ("train", 3),
+    ("tokenizer.strip_accents", "no"), ("model.task_definitions", []), ("model.tasks", [""]),
 ]
 
 
@@ -499,6 +516,58 @@ def test_duplicate_ids_warn_in_train_and_fail_in_dev_and_test(tmp_path):
     (tmp_path / "ids-sst-test-student.csv").write_text("\tid\tsentence\n0\tx\tone\n1\tx\ttwo\n")
     with pytest.raises(DataFormatError, match="keyed by id"):
         load_split("sst", "test-student", tmp_path)
+
+
+def _user_task_file(path: Path, fmt: str, rows: list[tuple[str, str, str]]) -> Path:
+    """(id, text, label) rows as a user task's CSV, TSV or JSON Lines file."""
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps({"id": i, "text": t, "label": y}) + "\n" for i, t, y in rows))
+    else:
+        sep = "\t" if fmt == "tsv" else ","
+        path.write_text(f"id{sep}text{sep}label\n" + "".join(f"{i}{sep}{t}{sep}{y}\n" for i, t, y in rows))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_user_task_files_take_long_fields_and_refuse_repeated_dev_ids(tmp_path, fmt):
+    from mtbert.tasks import define_task, register
+    long = "word " * 40000  # 200 000 characters > csv's default 131 072
+    train_file = _user_task_file(tmp_path / f"train.{fmt}", fmt, [("a", long, "1"), ("b", "short", "0"),
+                                                                  ("a", "again", "0")])
+    dev_file = _user_task_file(tmp_path / f"dev.{fmt}", fmt, [("x", "one", "1"), ("x", "two", "0")])
+    name = f"repeats_{fmt}"
+    register(define_task(name, {"kind": "binary", "train": str(train_file), "dev": str(dev_file), "id": "id"}))
+    with pytest.warns(DuplicateIdWarning, match="'a'"):
+        split = load_split(name, "train")
+    assert [ex.id for ex in split.examples] == ["a", "b", "a"]
+    assert len(split.examples[0].text) == len(long)
+    with pytest.raises(DataFormatError, match=f"dev.{fmt}: 1 id.*'x'.*keyed by id"):
+        load_split(name, "dev")
+
+
+def test_a_run_with_a_user_task_resumes_and_its_definition_is_schema_checked(tmp_path, tiny_model_dir,
+                                                                            data_dir):
+    rows = [(str(i), f"{'a good' if i % 2 else 'a bad'} film, number {i}", str(i % 2)) for i in range(32)]
+    polar = _user_task_file(tmp_path / "polar.jsonl", "jsonl", rows)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, tasks=["sst", "polar"], max_steps=4, save_every=2,
+                      task_definitions={"polar": {"kind": "binary", "train": str(polar), "dev": str(polar),
+                                                  "id": "id", "labels": ["neg", "pos"]}})
+    train(cfg)
+    out = Path(cfg.out)
+    meta = json.loads((out / "last" / ckpt.META_FILE).read_text())
+    assert set(meta["model"]["task_definitions"]) == {"polar"}
+    assert set(meta["tokenizer"]) == {"lowercase", "strip_accents"}
+    # a larger budget in the saved configuration: --resume continues from step 4 to 6
+    _corrupt(out / "last", ckpt.META_FILE, "train.max_steps", 6)
+    result = CliRunner().invoke(train_cmd, ["--resume", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "last" / ckpt.STATE_JSON).read_text())["step"] == 6
+    assert [r["step"] for r in read_log(out) if r["type"] == "train"] == [2, 4, 6]
+    for folder in ("best", "last"):
+        _corrupt(out / folder, ckpt.META_FILE, "model.task_definitions.polar.kind", "ternary")
+    one_line_error(CliRunner().invoke(predict_cmd, ["--checkpoint", str(out), "hello"]), 2, "mtbert.json",
+                   "polar", "kind must be one of")
+    one_line_error(CliRunner().invoke(train_cmd, ["--resume", str(out), "--no-progress"]), 2, "mtbert.json")
 
 
 # ---------------------------------------------------------------- disk full

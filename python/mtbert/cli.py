@@ -24,7 +24,7 @@ from .pretrained import ModelFolderError
 from .schema import train_config_for_resume
 from .tasks import get_task, known_tasks, overall_scores, uses_data_dir
 from .train import PRESETS, TrainConfig, config_from_sources, pick_device, train
-from .validation import DEVICE, LIMITS, option_type
+from .validation import DEVICE, LIMITS, MAPPING_LIMITS, option_type
 
 try:  # Python 3.11+
     import tomllib
@@ -164,6 +164,11 @@ def _parse_mapping(key: str, items) -> dict[str, float]:
             except ValueError:
                 raise click.BadParameter(f"expected TASK=VALUE, got {part!r}",
                                          param_hint="--" + key.replace("_", "-")) from None
+            # robustness hook: each value range-checked where the flag is parsed (validation.py)
+            limit = MAPPING_LIMITS.get(key)
+            problem = limit and limit.problem(f"{key} of {task.strip()}", out[task.strip()])
+            if problem:
+                raise click.BadParameter(problem, param_hint="--" + key.replace("_", "-"))
     return out
 
 
