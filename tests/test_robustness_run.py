@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -218,6 +219,19 @@ def test_heal_removes_only_the_writers_leftovers(tmp_path):
     assert (out / "last" / "f").read_text() == "last"  # a complete folder beats its old copy
     assert (out / "best" / "f").read_text() == ".best.old"  # the recovery copy was restored
     assert len(done) == 4
+
+
+def test_heal_removes_the_file_writers_temporary_files(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    fd, leftover = tempfile.mkstemp(dir=out, prefix=".summary.json.", suffix=".tmp")  # the writer's name
+    os.close(fd)
+    for name in ("summary.json", ".summary.json.tmp", ".notes.x.tmp", "a.b1c2d3e4.tmp"):
+        (out / name).write_text(name)
+    done = runfolder.heal(out)
+    assert sorted(p.name for p in out.iterdir()) == [".notes.x.tmp", ".summary.json.tmp", "a.b1c2d3e4.tmp",
+                                                      "summary.json"]
+    assert done == [f"removed unfinished temporary file {Path(leftover).name}"]
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):

@@ -7,7 +7,9 @@
 - `heal(out)` undoes what a kill can leave behind `checkpoint.write_folder_atomically`:
   a recovery copy `.<name>.old` with no `<name>` beside it is renamed back into place, a
   `.<name>.old` beside a complete `<name>` is removed, and temporary `.<name>.tmp-<pid>`
-  folders (a write that never finished) are removed. Only names of that pattern are touched.
+  folders (a write that never finished) are removed, and so are the temporary files
+  `.<name>.<8 random>.tmp` of `checkpoint.write_file_atomically` (summary.json, prediction
+  files, the rewritten metrics log). Only names of those patterns are touched.
 - `read_records(path)` reads metrics.jsonl; a torn last line (a kill mid-write) is dropped
   with a warning. A damaged line elsewhere is an error naming its line number.
 """
@@ -31,6 +33,8 @@ LOCK_FILE = ".mtbert.lock"
 # The names write_folder_atomically gives its temporary and recovery folders.
 _TMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-\d+$")
 _OLD_NAME = re.compile(r"^\.(?P<name>.+)\.old$")
+# The name write_file_atomically's tempfile.mkstemp gives a single file.
+_TMP_FILE_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
 
 
 class RunFolderError(ValueError):
@@ -105,6 +109,10 @@ def heal(out: Path) -> list[str]:
     if not Path(out).is_dir():
         return done
     for entry in sorted(Path(out).iterdir()):
+        if entry.is_file() and not entry.is_symlink() and _TMP_FILE_NAME.match(entry.name):
+            entry.unlink()
+            done.append(f"removed unfinished temporary file {entry.name}")
+            continue
         if not entry.is_dir() or entry.is_symlink():
             continue
         m = _OLD_NAME.match(entry.name)
@@ -148,6 +156,6 @@ def read_records(path: Path) -> list[dict]:
 
 def rewrite_records(path: Path, records: list[dict]) -> None:
     """Replace the log's content atomically (a kill leaves the old or the new log)."""
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
+    # the one atomic file writer; imported here so that taking the lock does not import torch
+    from .checkpoint import write_text_atomically
+    write_text_atomically(path, "".join(json.dumps(r) + "\n" for r in records))
