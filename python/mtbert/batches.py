@@ -29,6 +29,7 @@ class TaskBatch(NamedTuple):
     input_ids_b: Optional[torch.Tensor] = None
     attention_mask_b: Optional[torch.Tensor] = None
     token_type_ids_b: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None  # (B, F) cached frozen-encoder features, if any
 
     def to(self, device) -> "TaskBatch":
         return TaskBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
@@ -83,6 +84,8 @@ class EncodedSplit:
     second: Optional[TokenArrays]
     labels: Optional[np.ndarray]  # int64 classes or float32 scores; None for unlabeled files
     truncated: int  # rows shortened by max_length
+    # (N, F) what a frozen encoder gives each row, computed once (see evaluate.cache_features)
+    features: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,14 +99,16 @@ class EncodedSplit:
             return None if a is None else TokenArrays(a.input_ids[:n], a.token_type_ids[:n],
                                                       a.attention_mask[:n], a.lengths[:n])
         labels = None if self.labels is None else self.labels[:n]
+        features = None if self.features is None else self.features[:n]
         return EncodedSplit(self.task, self.split, self.ids[:n], cut(self.first), cut(self.second),
-                            labels, self.truncated)
+                            labels, self.truncated, features)
 
     def batch(self, idx: np.ndarray) -> TaskBatch:
         a = self.first.rows(idx)
         b = self.second.rows(idx) if self.second is not None else (None, None, None)
         labels = torch.from_numpy(self.labels[idx]) if self.labels is not None else None
-        return TaskBatch(*a, labels, *b)
+        features = self.features[torch.from_numpy(idx).to(self.features.device)] if self.features is not None else None
+        return TaskBatch(*a, labels, *b, features)
 
 
 def encode_split(tokenizer: WordPieceTokenizer, split: Split, *, max_length: int,

@@ -139,6 +139,8 @@ class MultitaskBert(nn.Module):
 
     def features(self, task: str, batch: TaskBatch, embedding_noise=None) -> torch.Tensor:
         """What the task head reads: the embedding, or [u, v, |u-v|, u*v] for separate pairs."""
+        if batch.features is not None and embedding_noise is None:
+            return batch.features  # cached once by a frozen-encoder run (evaluate.cache_features)
         noise = list(embedding_noise) if embedding_noise is not None else [None, None]
         u = self.embed(batch.input_ids, batch.attention_mask, batch.token_type_ids, noise[0])
         if batch.input_ids_b is None:

@@ -25,7 +25,7 @@ from . import finite, runfolder
 from .batches import EncodedSplit, TaskBatch, TaskSampler, encode_split
 from .data import load_split, resolve_data_dir
 from .inference import load_checkpoint, predict_files
-from .evaluate import autocast_context, evaluate_tasks, format_table
+from .evaluate import autocast_context, cache_features, evaluate_tasks, format_table
 from .model import BertModel
 from .multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS, MultitaskBert, MultitaskConfig, default_head, task_loss
 from .optim import AdamW
@@ -365,6 +365,11 @@ def build_run(cfg: TrainConfig) -> Run:
     if cfg.freeze_encoder:
         model.bert.requires_grad_(False)
     model.to(device)
+    if cfg.freeze_encoder:  # a frozen encoder's features never change: compute them once
+        t0 = time.time()
+        for split in (*data.train.values(), *data.dev.values()):
+            cache_features(model, split, device=device, batch_size=cfg.eval_batch_size, precision=precision)
+        _say(f"frozen encoder: features of every train and dev row cached in {time.time() - t0:.1f}s")
 
     # optimizer over trainable parameters only (frozen weights keep no state), schedule
     trainable = [p for p in model.parameters() if p.requires_grad]
