@@ -29,6 +29,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import schema
+
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"
 META_FILE = "mtbert.json"
@@ -43,6 +45,10 @@ HF_PYTORCH_FILE = "pytorch_model.bin"
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete or does not fit the model."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, permissions); the previous one is kept."""
 
 
 def write_file_atomically(target: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
@@ -84,17 +90,22 @@ def write_folder_atomically(final: Path, fill: Callable[[Path], None]) -> None:
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     old = final.parent / f".{final.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        _fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)  # the old folder stays recoverable until the new one is in place
-    os.replace(tmp, final)
+    try:  # robustness hook: a full disk or a permission error is one line, the old folder stays
+        tmp.mkdir()
+        try:
+            fill(tmp)
+            _fsync_tree(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)  # the old folder stays recoverable until the new one is in place
+        os.replace(tmp, final)
+    except OSError as exc:
+        kept = "; the previous checkpoint is kept" if final.exists() or old.exists() else ""
+        raise CheckpointWriteError(f"could not write checkpoint {final}: "
+                                   f"{exc.strerror or exc}{kept}") from None
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -127,7 +138,7 @@ def read_meta(folder: Path) -> dict:
         raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "model" not in meta:
         raise CheckpointError(f"{path} is not an mtbert checkpoint of format {FORMAT_VERSION}")
-    return meta
+    return schema.validate_meta(meta, path)  # robustness hook: types, ranges, required keys
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -184,7 +195,7 @@ def load_training_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path} cannot be read: {exc}") from None
-    return tensors, info
+    return tensors, schema.validate_training_state(info, path)  # robustness hook
 
 
 def optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:

@@ -13,16 +13,19 @@ from click.core import ParameterSource
 
 from . import train as training
 from .ablation import GRIDS, run_grid
-from .checkpoint import CheckpointError, read_meta, write_json
+from .checkpoint import META_FILE, CheckpointError, CheckpointWriteError, existing_folder, read_meta, write_json
 from .data import DataDirError, DataFormatError, resolve_data_dir
 from .distributed import DistributedError
 from .evaluate import format_table
 from .export import export_checkpoint
+from .finite import NonFiniteError
 from .inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
 from .plots import plot_run
 from .pretrained import ModelFolderError
+from .schema import train_config_for_resume
 from .tasks import get_task, known_tasks, overall_scores, uses_data_dir
 from .train import PRESETS, TrainConfig, config_from_sources, pick_device, train
+from .validation import DEVICE, LIMITS, MAPPING_LIMITS, option_type
 
 try:  # Python 3.11+
     import tomllib
@@ -78,7 +81,7 @@ TRAIN_HELP: dict[str, str] = {
     "smart_noise": "Std of SMART's initial noise.",
     "smart_norm": "SMART perturbation ball.",
     "seed": "Random seed (CPU runs are fully reproducible).",
-    "device": "auto (CUDA when available), cpu, cuda, cuda:N.",
+    "device": "auto (CUDA when available), cpu, cuda, cuda:N, mps.",
     "precision": "auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16 (GPU).",
     "log_every": "Write a training line to metrics.jsonl every N steps.",
     "eval_every": "Also evaluate on dev every N steps.",
@@ -112,8 +115,17 @@ def _option_for(f: dataclasses.Field, default: Any):
         return click.option(flag, name, type=click.Choice(CHOICES[name]), default=default,
                             show_default=True, help=help_text)
     kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
-    if name in ("data_dir", "model", "out"):
+    if name in ("data_dir", "model"):
         kind = click.Path()
+    # --- robustness hook: ranges and device names checked where flags are parsed (validation.py)
+    if name == "out":
+        kind = click.Path(file_okay=False)
+    checked = option_type(name)
+    if checked is not None:
+        kind = checked
+        if name in LIMITS:
+            help_text = f"{help_text} [{LIMITS[name].describe()}]"
+    # --- end hook
     return click.option(flag, name, type=kind, default=default, show_default=default is not None,
                         help=help_text)
 
@@ -153,6 +165,11 @@ def _parse_mapping(key: str, items) -> dict[str, float]:
             except ValueError:
                 raise click.BadParameter(f"expected TASK=VALUE, got {part!r}",
                                          param_hint="--" + key.replace("_", "-")) from None
+            # robustness hook: each value range-checked where the flag is parsed (validation.py)
+            limit = MAPPING_LIMITS.get(key)
+            problem = limit and limit.problem(f"{key} of {task.strip()}", out[task.strip()])
+            if problem:
+                raise click.BadParameter(problem, param_hint="--" + key.replace("_", "-"))
     return out
 
 
@@ -192,9 +209,16 @@ def _relative_to(base: Path, key: str, value):
     return value
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception, code: int = 2) -> None:
     click.echo(f"error: {exc}", err=True)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def _fail_run(exc: Exception) -> None:
+    """A run that stopped (non-finite training, a write that failed): one line, exit status 1."""
+    if isinstance(exc, OSError) and exc.strerror:
+        exc = f"could not write {exc.filename or 'a file'}: {exc.strerror}"
+    _fail(exc, code=1)
 
 
 def build_train_config(ctx: click.Context, params: dict, preset: Optional[str], config_file: Optional[str]):
@@ -227,20 +251,27 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
                                    + ", ".join(["--" + e.replace("_", "-") for e in extra]
                                                + (["--preset"] if preset else [])
                                                + (["--config"] if config_file else [])))
+        # robustness hook: the recovery copy of last/ (a kill between the writer's two renames)
+        # is used, and the saved configuration is schema-checked (CheckpointError, one line)
         try:
-            saved = read_meta(Path(resume_dir) / "last")["train"]
+            last = existing_folder(Path(resume_dir) / "last")
+            if last is None:
+                raise CheckpointError(f"nothing to resume: {Path(resume_dir) / 'last'} does not exist")
+            cfg = train_config_for_resume(read_meta(last), last / META_FILE,
+                                          {**_normalize(given), "out": str(resume_dir)})
         except CheckpointError as exc:
             _fail(exc)
-        saved.update(_normalize(given))
-        saved["out"] = str(resume_dir)
-        cfg = TrainConfig.from_dict(saved)
     else:
         cfg = build_train_config(ctx, params, preset, config_file)
     try:
         train(cfg, resume=resume_dir is not None)
+    except (NonFiniteError, CheckpointWriteError) as exc:
+        _fail_run(exc)
     except (DataDirError, DataFormatError, ModelFolderError, CheckpointError, ValueError,
             DistributedError) as exc:
         _fail(exc)
+    except OSError as exc:  # e.g. the disk filled up while writing metrics.jsonl
+        _fail_run(exc)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -251,8 +282,8 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
 @click.option("--data-dir", type=click.Path(), default=None, help="Data directory.")
 @click.option("--out", type=click.Path(), default=None,
               help="Where prediction files and eval.json go (default: the checkpoint's run folder).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Evaluation batch size.")
+@click.option("--device", type=DEVICE, default="auto", show_default=True, help="auto, cpu, cuda, cuda:N, mps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Evaluation batch size.")
 @click.option("--plots/--no-plots", default=False, show_default=True,
               help="Also draw learning curves, per-class accuracy and gradient-conflict plots.")
 def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
@@ -305,7 +336,7 @@ def predict_cmd(checkpoint, as_json, sentence, second):
               help="Which grid of configurations to run (seed: the study's ablation table).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds per configuration (seed, seed+1, ...).")
-@click.option("--budget", type=float, default=1.0, show_default=True,
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True, max=1e6), default=1.0, show_default=True,
               help="Scales steps and training examples of every run (1.0: 300 steps on <= 4000 "
                    "examples per task; 0.05 is a quick smoke run).")
 @click.option("--only", default=None,

@@ -80,6 +80,33 @@ class MalformedRowWarning(UserWarning):
     """A data row was skipped; the message gives file, line and reason."""
 
 
+class DuplicateIdWarning(UserWarning):
+    """A training file holds the same id on several rows (the rows are all kept)."""
+
+
+# robustness hook: the csv module refuses fields over 128 KiB by default; a line is read
+# whole anyway, so any field that fits in memory is accepted.
+_FIELD_LIMIT = 2**31 - 1
+
+
+def check_duplicate_ids(path: Path, split: str, examples: list[Example], *, warn: bool = True) -> None:
+    """Predictions are keyed by id: a repeated id is an error in dev/test, a warning in train."""
+    seen: dict[str, int] = {}
+    repeated: list[str] = []
+    for ex in examples:
+        seen[ex.id] = seen.get(ex.id, 0) + 1
+        if seen[ex.id] == 2:
+            repeated.append(ex.id)
+    if not repeated:
+        return
+    listing = ", ".join(repr(i) for i in repeated[:5]) + (" ..." if len(repeated) > 5 else "")
+    message = f"{path}: {len(repeated)} id(s) appear on several rows: {listing}"
+    if split != "train":
+        raise DataFormatError(message + " (predictions are keyed by id)")
+    if warn:
+        warnings.warn(message, DuplicateIdWarning, stacklevel=3)
+
+
 def _known_file_names() -> set[str]:
     return {spec.path(Path(), split).name for spec in TASKS.values() for split in SPLITS}
 
@@ -132,6 +159,14 @@ def _decode(path: Path) -> str:
         ) from None
 
 
+def _parse_line(line: str, delimiter: str):
+    """One line's fields, or the csv.Error that makes it unreadable (a malformed row)."""
+    try:
+        return next(csv.reader([line], delimiter=delimiter), [])
+    except csv.Error as exc:  # robustness hook: a line the csv module cannot parse is a bad row
+        return exc
+
+
 def _delimited_rows(path: Path, text: str, delimiter: str, one_line_per_row: bool):
     """(header, iterator of (line number, fields)) of a CSV or TSV file.
 
@@ -145,8 +180,7 @@ def _delimited_rows(path: Path, text: str, delimiter: str, one_line_per_row: boo
         if not lines:
             raise DataFormatError(f"{path}: empty file (no header)")
         header = next(csv.reader([lines[0]], delimiter=delimiter))
-        rows = ((n, next(csv.reader([line.rstrip("\r")], delimiter=delimiter), []))
-                for n, line in enumerate(lines[1:], start=2))
+        rows = ((n, _parse_line(line.rstrip("\r"), delimiter)) for n, line in enumerate(lines[1:], start=2))
         return header, rows
     reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
     header = next(reader, None)
@@ -192,7 +226,7 @@ def _records(spec: Task, path: Path, text: str, wanted: tuple[str, ...]):
     width = len(header)
     for line_no, row in rows:
         if isinstance(row, Exception):
-            yield line_no, ValueError(str(row))
+            yield line_no, ValueError(f"unreadable: {row}")
         elif len(row) != width:
             yield line_no, ValueError(f"expected {width} fields, found {len(row)}")
         else:
@@ -210,6 +244,8 @@ def read_split(
     """Read one data file into a Split; malformed rows (bad shape, empty text, a label
     outside the task's classes or range) are reported with file and line, never dropped
     silently: skipped with a warning, or a DataFormatError under strict."""
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)  # robustness hook (see _FIELD_LIMIT)
     text = _decode(path)
     labeled = split != "test-student"
     ids = (spec.id_column,) if spec.id_column else ()
@@ -242,6 +278,7 @@ def read_split(
         if warn:
             for b in bad:
                 warnings.warn(f"skipped malformed row {b}", MalformedRowWarning, stacklevel=2)
+    check_duplicate_ids(path, split, examples, warn=warn)  # robustness hook
     return Split(spec, split, path, examples, bad)
 
 

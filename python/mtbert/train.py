@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, finite, runfolder
 from .batches import EncodedSplit, TaskBatch, TaskSampler, encode_split
 from .data import load_split, resolve_data_dir
 from .inference import load_checkpoint, predict_files
@@ -34,6 +34,7 @@ from .pretrained import resolve_model_dir
 from .regularization import capture_rng, class_weights, head_penalty, smart_loss
 from .tasks import get_task, overall_scores, register_definitions, uses_data_dir
 from .tokenizer import WordPieceTokenizer
+from .validation import config_problems, device_problem
 
 COMBINES = ("sum", "pcgrad")
 SAMPLINGS = ("round-robin", "proportional", "temperature")
@@ -116,6 +117,10 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # robustness hook: the same ranges and types as the flags (validation.py), all problems at once
+        problems = config_problems(asdict(self))
+        if problems:
+            raise ValueError("; ".join(problems))
         # Registered, and kept with absolute file paths (a resumed run may start elsewhere).
         self.task_definitions = {task.name: {**self.task_definitions[task.name], **task.declared_files()}
                                  for task in register_definitions(self.task_definitions)}
@@ -191,6 +196,8 @@ PRESETS: dict[str, dict] = {
 # ---------------------------------------------------------------- helpers
 
 def pick_device(name: str) -> torch.device:
+    if device_problem(name):  # robustness hook: torch.device("bad") raises a RuntimeError
+        raise ValueError(device_problem(name))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -242,9 +249,10 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: Optional[int] = None):
         self.path = path
         if resume_step is not None and path.exists():
-            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            # robustness hook: a torn last line (a kill mid-write) is dropped with a warning,
+            # and the log is rewritten atomically
+            kept = [r for r in runfolder.read_records(path) if r.get("step", 0) <= resume_step]
+            runfolder.rewrite_records(path, kept)
         elif resume_step is None:
             path.write_text("", encoding="utf-8")
 
@@ -456,7 +464,12 @@ def forward_losses(run: Run, batches: dict[str, TaskBatch]) -> dict[str, torch.T
     for task, batch in batches.items():
         with autocast_context(run.device, run.precision):
             losses[task] = compute_task_loss(run.model, task, batch, run.cfg, run.class_weights.get(task))
-        if run.dist.world_size > 1:  # [ddp] weighted by the slice's share: the sum over ranks is the mean
+        if run.dist.world_size == 1:
+            # robustness hook: stop before backward. Under torchrun one rank alone would stop and
+            # leave the others waiting; there the summed gradient's norm, checked on every rank
+            # in clip_gradients, stops them all at the same step.
+            finite.check_loss(losses[task], run.step, task)
+        else:  # [ddp] weighted by the slice's share: the sum over ranks is the mean
             losses[task] = losses[task] * run.loss_shares[task]
     return losses
 
@@ -474,10 +487,17 @@ def backward(run: Run, losses: dict[str, torch.Tensor]):
     return None
 
 
-def clip_gradients(run: Run) -> None:
+def clip_gradients(run: Run, tasks: Optional[list[str]] = None) -> None:
+    """Clip the global gradient norm (cfg.grad_clip > 0); a non-finite norm stops the run
+    (NonFiniteError naming `tasks`, this step's tasks) before the optimizer step."""
     if run.cfg.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.grad_clip)
+    else:
+        norm = None if run.scaler.is_enabled() else finite.grad_norm(run.trainable)
+    if norm is not None and not run.scaler.is_enabled():
+        # robustness hook: under fp16 the scaler itself skips inf steps; otherwise stop
+        finite.check_grad_norm(norm, run.step, tasks if tasks is not None else run.cfg.tasks)
 
 
 def optimizer_step(run: Run) -> None:
@@ -496,7 +516,7 @@ def train_step(run: Run) -> StepResult:
     stats = backward(run, losses)
     # [ddp] the exact sum over ranks; PCGrad's shared gradients were summed before its surgery
     distributed.sum_gradients(run.trainable, already_summed=run.surgery.shared if stats is not None else ())
-    clip_gradients(run)
+    clip_gradients(run, list(losses))
     optimizer_step(run)
     # [ddp] every task of the step gets a loss (0.0 on a rank without its slice): the logs sum over ranks
     return StepResult({t: float(losses[t].detach()) if t in losses else 0.0 for t in run.loss_shares}, lr,
@@ -506,14 +526,17 @@ def train_step(run: Run) -> StepResult:
 # ---------------------------------------------------------------- (6) evaluation, saving, logging
 
 def save_best(run: Run, metrics: dict, scores: dict) -> None:
+    finite.check_weights(run.model, run.step)  # robustness hook (every rank: all stop together)
     if not run.dist.is_main:  # [ddp] rank 0 alone writes checkpoints
         return
     ckpt.write_folder_atomically(run.out / "best", lambda folder: ckpt.save_model_files(
         folder, run.model, {**run.checkpoint_meta(), "metrics": metrics, **scores}, run.tokenizer.vocab_path))
 
 
-def save_last(run: Run, evaluator: "Evaluator") -> None:
-    """The resume checkpoint: model, optimizer, RNG, samplers, step and best score."""
+def save_last(run: Run, evaluator: "Evaluator", train_log: Optional["TrainLog"] = None) -> None:
+    """The resume checkpoint: model, optimizer, RNG, samplers, step and best score (and the
+    open log window of `train_log`)."""
+    finite.check_weights(run.model, run.step)  # robustness hook (every rank: all stop together)
     tensors, info = ckpt.optimizer_to_files(run.optimizer)
     tensors.update(ckpt.rng_to_tensors())
     tensors.update(run.dist.gather_rng())  # [ddp] collective: every rank's RNG state
@@ -523,6 +546,10 @@ def save_last(run: Run, evaluator: "Evaluator") -> None:
     info.update({"step": run.step, "best_score": evaluator.best_score, "best_step": evaluator.best_step,
                  "samplers": {t: s.state_dict() for t, s in run.samplers.items()},
                  "pcgrad": run.surgery.state_dict() if run.surgery is not None else None})
+    if train_log is not None:
+        # robustness hook: the open loss window, so the first loss record after a resume
+        # averages the same steps as an uninterrupted run
+        info["log_window"] = train_log.window_state()
 
     def fill(folder: Path) -> None:
         ckpt.save_model_files(folder, run.model, run.checkpoint_meta(), run.tokenizer.vocab_path)
@@ -561,11 +588,25 @@ class TrainLog:
 
     def __init__(self, run: Run, log: MetricsLog):
         self.run, self.log = run, log
+        self.partial_window = False  # the next line averages fewer steps than log_every
         self._reset()
 
     def _reset(self) -> None:
         self.examples, self.time = 0, time.time()
         self.losses: dict[str, list[float]] = {t: [] for t in self.run.cfg.tasks}
+
+    # robustness hook: the open window travels with the resume checkpoint (save_last)
+    def window_state(self) -> dict:
+        return {"examples": self.examples, "loss": {t: list(v) for t, v in self.losses.items()}}
+
+    def resume_window(self, saved: Optional[dict]) -> None:
+        """Continue a saved window; a checkpoint without one (older format) marks the
+        first line after the resume as partial."""
+        if saved is None:
+            self.partial_window = True
+            return
+        self.examples = saved["examples"]
+        self.losses = {t: list(saved["loss"].get(t, [])) for t in self.run.cfg.tasks}
 
     def record(self, result: StepResult) -> Optional[dict]:
         """Add one step; returns the mean losses when a log line was written."""
@@ -582,6 +623,9 @@ class TrainLog:
             record = {"type": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
                       "lr": result.lr,
                       "loss": mean_loss, "examples_per_s": self.examples / elapsed}
+            if self.partial_window:
+                record["partial_window"] = True  # robustness hook: fewer steps than log_every
+                self.partial_window = False
             if stats is not None:
                 record["pcgrad"] = {"cosine": stats.cosine.tolist(), "conflicts": stats.conflicts,
                                     "conflict_pairs": stats.conflict_pairs}
@@ -606,7 +650,21 @@ def due(run: Run) -> tuple[bool, bool]:
 # ---------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or continue, with resume=True) the training described by cfg; returns the summary."""
+    """Run (or continue, with resume=True) the training described by cfg; returns the summary.
+
+    The run folder is locked for the whole run (a second run on it is refused) and healed
+    first (see runfolder.py); under torchrun rank 0 alone locks and heals it."""
+    ranks = distributed.env_context()
+    if ranks is not None and ranks[0] != 0:  # [ddp] rank 0 holds the lock for the whole job
+        return _train_locked(cfg, resume=resume)
+    # robustness hook: one run per folder; leftovers of a killed checkpoint write repaired
+    with runfolder.locked_run_folder(Path(cfg.out)) as out:
+        for action in runfolder.heal(out):
+            _say(f"{out}: {action}")
+        return _train_locked(cfg, resume=resume)
+
+
+def _train_locked(cfg: TrainConfig, *, resume: bool) -> dict:
     run = build_run(cfg, resume=resume)
     main = run.dist.is_main  # [ddp] rank 0 alone writes metrics.jsonl
     if not resume:
@@ -619,6 +677,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                               else DiscardedLog(), state["best_score"], state["best_step"])
         _say(f"resumed from {run.out / 'last'} at step {run.step}/{run.total_steps}")
     train_log = TrainLog(run, evaluator.log)
+    if resume:
+        train_log.resume_window(state.get("log_window"))  # robustness hook
 
     run.model.train()
     if cfg.freeze_encoder:
@@ -636,7 +696,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if evaluate:
             evaluator(run)
         if save:
-            save_last(run, evaluator)
+            save_last(run, evaluator, train_log)
     bar.close()
     digest = distributed.verify_identical(run.dist, run.model)  # [ddp] all ranks hold the same weights
     if digest:
@@ -673,13 +733,23 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
     tensors = ckpt.load_tensors(folder / ckpt.MODEL_FILE)
     ckpt.load_state_into(model, tensors, folder / ckpt.MODEL_FILE)
     state_tensors, info = ckpt.load_training_state(folder)
-    ckpt.optimizer_from_files(optimizer, state_tensors, info)
-    ckpt.rng_from_tensors(state_tensors)
+    # robustness hook: the JSON is schema-checked in load_training_state; what does not fit
+    # this run (tasks, optimizer groups, RNG tensors) is a CheckpointError too
+    missing = [t for t in samplers if t not in info["samplers"]]
+    if missing:
+        raise ckpt.CheckpointError(f"{folder / ckpt.STATE_JSON} has no sampler state for {missing}")
+    try:
+        ckpt.optimizer_from_files(optimizer, state_tensors, info)
+        ckpt.rng_from_tensors(state_tensors)
+        for task, sampler in samplers.items():
+            sampler.load_state_dict(info["samplers"][task])
+        if surgery is not None and info.get("pcgrad"):
+            surgery.load_state_dict(info["pcgrad"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise ckpt.CheckpointError(f"{folder}: the training state does not fit this run: "
+                                   f"{type(exc).__name__}: {first_line}") from None
     info["rng_tensors"] = {k: v for k, v in state_tensors.items() if k.startswith("rng.rank")}  # [ddp]
-    for task, sampler in samplers.items():
-        sampler.load_state_dict(info["samplers"][task])
-    if surgery is not None and info.get("pcgrad"):
-        surgery.load_state_dict(info["pcgrad"])
     return info
 
 
