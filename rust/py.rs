@@ -298,6 +298,117 @@ mod pcgrad_binding {
         PyArray1::from_vec(py, orders).reshape([tasks, tasks])
     }
 
+    // ==== Gram engine binding (owned by the multi-task methods work, issue 13) ====
+    // The two P-sized passes every method in `mtbert.aggregation` runs: `gram` and
+    // `combine`. Nested here so it calls the helpers above as they are.
+    mod engine_binding {
+        use super::{checked_array, checked_threads, detached, overlaps, byte_range, value_error};
+        use crate::gram::{self as engine, GradError};
+        use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+        use pyo3::exceptions::PyValueError;
+        use pyo3::prelude::*;
+
+        /// The (T, T) float64 Gram matrix of the (T, P) float32 `grads`; see `_native.pyi`.
+        #[pyfunction]
+        #[pyo3(signature = (grads, *, num_threads=0))]
+        fn gram<'py>(
+            py: Python<'py>,
+            grads: &Bound<'py, PyAny>,
+            num_threads: i64,
+        ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+            let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
+            let tasks = untyped.shape()[0];
+            if tasks < 1 {
+                return Err(value_error(GradError::NoTasks));
+            }
+            let threads = checked_threads(num_threads)?;
+            let ro = untyped
+                .cast::<PyArray2<f32>>()?
+                .try_readonly()
+                .map_err(|e| PyValueError::new_err(format!("grads: {e}")))?;
+            let slice = ro
+                .as_slice()
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let g = detached(py, "gram", || engine::gram(slice, tasks, threads))?
+                .map_err(value_error)?;
+            PyArray1::from_vec(py, g).reshape([tasks, tasks])
+        }
+
+        /// `sum_k weights[k] * grads[k]` of the (T, P) float32 `grads`; see `_native.pyi`.
+        #[pyfunction]
+        #[pyo3(signature = (grads, weights, *, out=None, num_threads=0))]
+        fn combine<'py>(
+            py: Python<'py>,
+            grads: &Bound<'py, PyAny>,
+            weights: &Bound<'py, PyAny>,
+            out: Option<&Bound<'py, PyAny>>,
+            num_threads: i64,
+        ) -> PyResult<Bound<'py, PyAny>> {
+            let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
+            let (tasks, p) = (untyped.shape()[0], untyped.shape()[1]);
+            if tasks < 1 {
+                return Err(value_error(GradError::NoTasks));
+            }
+            let threads = checked_threads(num_threads)?;
+            let weights: Vec<f64> = py
+                .import("numpy")?
+                .call_method1("asarray", (weights, "float64"))
+                .and_then(|a| a.call_method1("reshape", (-1,)))
+                .and_then(|a| a.call_method0("tolist"))
+                .and_then(|a| a.extract())
+                .map_err(|e| {
+                    PyValueError::new_err(format!(
+                        "weights must be {tasks} real numbers (shape ({tasks},)): {e}"
+                    ))
+                })?;
+            let grads_arr = untyped.cast::<PyArray2<f32>>()?;
+            let out_arr: Bound<'py, PyArray1<f32>> = match out {
+                Some(out) => {
+                    let shape = format!("({p},)");
+                    checked_array::<f32>(out, "out", 1, &shape, "float32")?;
+                    let out = out.cast::<PyArray1<f32>>()?.clone();
+                    if out.len() != p {
+                        return Err(value_error(GradError::OutLength {
+                            expected: p,
+                            got: out.len(),
+                        }));
+                    }
+                    if p > 0 && overlaps(&byte_range(&out), &byte_range(grads_arr)) {
+                        return Err(PyValueError::new_err("out must not overlap grads"));
+                    }
+                    out
+                }
+                None => PyArray1::<f32>::zeros(py, p, false),
+            };
+            let grads_ro = grads_arr
+                .try_readonly()
+                .map_err(|e| PyValueError::new_err(format!("grads: {e}")))?;
+            let mut out_rw = out_arr
+                .try_readwrite()
+                .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
+            let grads_slice = grads_ro
+                .as_slice()
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            let out_slice = out_rw
+                .as_slice_mut()
+                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            detached(py, "combine", || {
+                engine::combine_into(grads_slice, tasks, &weights, out_slice, threads)
+            })?
+            .map_err(value_error)?;
+            drop(out_rw);
+            Ok(out_arr.into_any())
+        }
+
+        pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+            m.add_function(wrap_pyfunction!(gram, m)?)?;
+            m.add_function(wrap_pyfunction!(combine, m)?)?;
+            Ok(())
+        }
+    }
+    pub use engine_binding::register as register_engine;
+    // ==== end Gram engine binding ====
+
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(pcgrad, m)?)?;
         m.add_function(wrap_pyfunction!(gradient_stats, m)?)?;
@@ -598,6 +709,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // ==== PCGrad registrations ====
     pcgrad_binding::register(m)?;
     // ==== end PCGrad registrations ====
+    // ==== Gram engine registrations (issue 13) ====
+    pcgrad_binding::register_engine(m)?;
+    // ==== end Gram engine registrations ====
     // ==== WordPiece registrations ====
     m.add_class::<wordpiece_binding::PyWordPiece>()?;
     // ==== end WordPiece registrations ====

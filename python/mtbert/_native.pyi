@@ -92,3 +92,21 @@ def pcgrad_orders(num_tasks: int, seed: int) -> npt.NDArray[np.int64]:
     ``mtbert.pcgrad.random_orders`` computes the same in Python."""
 
 # ==== end PCGrad ====
+
+# ==== Gram engine stubs (owned by the multi-task methods work, issue 13) ====
+def gram(grads: npt.NDArray[np.float32], *, num_threads: int = 0) -> npt.NDArray[np.float64]:
+    """(T, T) float64 Gram matrix g_i · g_j of ``grads`` (T, P) float32 (C-contiguous,
+    aligned), in one fused pass: float32 lanes per 1024-column block, float64 sums,
+    bit-for-bit independent of ``num_threads`` (0: all cores). NaN/inf raise ValueError."""
+
+def combine(
+    grads: npt.NDArray[np.float32],
+    weights: npt.ArrayLike,
+    *,
+    out: Optional[npt.NDArray[np.float32]] = None,
+    num_threads: int = 0,
+) -> npt.NDArray[np.float32]:
+    """(P,) float32 ``sum_k weights[k] * grads[k]`` in one pass (float64 accumulation per
+    element, one rounding); ``weights``: T finite reals; into ``out`` (P,) when given (it
+    must not overlap ``grads``)."""
+# ==== end Gram engine stubs ====
