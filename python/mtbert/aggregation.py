@@ -82,6 +82,11 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
 _COMBINE_CHUNK = 1 << 20
 # Below this fraction of the largest squared norm, a task gradient counts as zero.
 _ZERO = 1e-30
+# CAGrad: a conflict-averse g_w shorter than this fraction of the longest gradient is 0
+# (the subproblem's solver is accurate to about 1e-8: a shorter g_w has no direction).
+_CAGRAD_ZERO = 1e-6
+# GradVac: a corrected gradient shorter than this fraction of the original has cancelled out.
+_CANCELLED = 1e-7
 
 
 # --------------------------------------------------------------------------------------
@@ -180,6 +185,43 @@ def _min_norm_weights(G: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # Methods
 # --------------------------------------------------------------------------------------
+
+
+def _polish_cagrad(x: np.ndarray, A: np.ndarray, b: np.ndarray, r: float) -> np.ndarray:
+    """Newton steps on CAGrad's optimality conditions on the support S of ``x`` (SLSQP's
+    answer): b_S + r (A x)_S / sqrt(x^T A x) = lambda 1, sum x_S = 1. SLSQP stops near
+    1e-8 on this non-smooth objective; the polished x is kept only if it stays feasible
+    and does not increase the objective."""
+    F = lambda v: v @ b + r * np.sqrt(max(v @ A @ v, 0.0))
+    S = np.flatnonzero(x > 1e-12)
+    best = x
+    y = x.copy()
+    for _ in range(20):
+        xs = y[S]
+        Ax = A[np.ix_(S, S)] @ xs
+        n = np.sqrt(max(xs @ Ax, 0.0))
+        if not n > 0:
+            break
+        k = len(S)
+        res = np.r_[b[S] + r * Ax / n - 0.0, 1.0 - xs.sum()]
+        J = np.zeros((k + 1, k + 1))
+        J[:k, :k] = r * (A[np.ix_(S, S)] / n - np.outer(Ax, Ax) / n**3)
+        J[:k, k] = -1.0  # d/d lambda
+        J[k, :k] = -1.0
+        lam = np.mean(b[S] + r * Ax / n)
+        res[:k] -= lam
+        step = np.linalg.lstsq(J, -np.r_[res[:k], res[k]], rcond=None)[0]
+        z = y.copy()
+        z[S] = xs + step[:k]
+        if np.any(z[S] < 0):
+            break
+        z /= z.sum()
+        if F(z) <= F(best) + 1e-16 * abs(F(best)):
+            best = z
+        y = z
+        if np.linalg.norm(step[:k]) < 1e-15:
+            break
+    return best
 
 
 class Method:
@@ -293,7 +335,8 @@ class CAGrad(Method):
     """CAGrad (Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning"):
     w = argmin_{simplex} g_w . g0 + c ||g0|| ||g_w||, d = g0 + c ||g0|| g_w / ||g_w||, with
     g0 the mean gradient; divided by 1 + c^2 (rescale=1, the official default), 1 + c (2),
-    or not (0)."""
+    or not (0). Where the optimal g_w is 0 (0 in the convex hull: Pareto-stationary) it has
+    no direction and d = g0 (the official code divides by ||g_w|| + 1e-8 there)."""
 
     name = "cagrad"
     gradient_based = True
@@ -318,10 +361,9 @@ class CAGrad(Method):
                 lambda x: x @ b + r * np.sqrt(max(x @ A @ x, 0.0)), mean,
                 bounds=[(0.0, 1.0)] * T, constraints={"type": "eq", "fun": lambda x: 1.0 - x.sum()},
                 method="SLSQP", options={"ftol": 1e-15, "maxiter": 1000})
-            x = np.clip(res.x, 0.0, None)
-            x /= x.sum()
+            x = _polish_cagrad(np.clip(res.x, 0.0, None) / np.clip(res.x, 0.0, None).sum(), A, b, r)
             gw_norm = np.sqrt(max(x @ G @ x, 0.0))
-            if gw_norm > 0:
+            if gw_norm > _CAGRAD_ZERO * np.sqrt(s):  # else 0 is in the hull: no direction, d = g0
                 w = mean + radius / gw_norm * x
         return w / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[self.options["rescale"]]
 
@@ -354,8 +396,10 @@ class GradVac(_OrderedMethod):
                 if j == i:
                     continue
                 norm_i = np.sqrt(max(C[i] @ G @ C[i], 0.0))
-                if norm_i == 0 or norms[j] == 0:
-                    continue  # no angle to correct
+                # A g_i cancelled to rounding noise (|g_i|^2 from G has ~1e-16 relative
+                # error, so its norm ~1e-8) or a zero g_j: no angle to correct.
+                if norm_i <= _CANCELLED * norms[i] or norms[j] == 0:
+                    continue
                 phi = np.clip(C[i] @ G[:, j] / (norm_i * norms[j]), -1.0, 1.0)
                 target = self.targets[i, j]
                 if phi < target < 1.0:
@@ -416,14 +460,22 @@ class NashMTL(Method):
         if len(live) == 0:
             return w
         Gl = G[np.ix_(live, live)]
-        s = np.linalg.norm(Gl) if self.options["normalize"] else 1.0
-        Gn = Gl / s
+        mn = _min_norm_weights(Gl)
+        if mn @ Gl @ mn <= 1e-16 * np.diag(Gl).max():  # 0 in the hull: no solution
+            return w
+        m = np.abs(Gl).max()
+        s = m * np.linalg.norm(Gl / m)  # Frobenius norm, safe from underflow
+        Gn = Gl / s  # solved at unit scale; alpha(G / s) = sqrt(s) alpha(G)
         a = 1.0 / np.sqrt(np.diag(Gn))
         f = lambda x: 0.5 * x @ Gn @ x - np.log(x).sum()
         for _ in range(200):
             r = Gn @ a - 1.0 / a
-            step = np.linalg.solve(Gn + np.diag(1.0 / a**2), -r)
-            if -r @ step < 1e-24:  # Newton decrement: converged
+            try:
+                step = np.linalg.solve(Gn + np.diag(1.0 / a**2), -r)
+            except np.linalg.LinAlgError:  # 1/a^2 underflowed: a diverges, no solution
+                return w
+            if -r @ step < 1e-16:  # Newton decrement: in the quadratic region, one last full step
+                a = a + step if np.all(a + step > 0) else a
                 break
             t = 1.0
             while np.any(a + t * step <= 0) or f(a + t * step) > f(a) + 0.25 * t * (r @ step):
@@ -435,7 +487,7 @@ class NashMTL(Method):
                 return w
         else:
             return w
-        w[live] = a  # with normalize, the official scale: alpha of the normalized G
+        w[live] = a if self.options["normalize"] else a / np.sqrt(s)
         max_norm = float(self.options["max_norm"])
         norm = np.sqrt(max(w @ G @ w, 0.0))
         if max_norm > 0 and norm > max_norm:
@@ -465,7 +517,9 @@ class AlignedMTL(Method):
         if not keep.any() or not lam.max(initial=0.0) > 0:
             return np.zeros(T)
         lam, V = lam[keep], V[:, keep]
-        ref = {"min": lam.min(), "median": np.median(lam), "rmse": lam.mean()}[self.options["scale"]]
+        # "median": the lower middle value for an even count, as torch.median (official code).
+        ref = {"min": lam.min(), "median": np.sort(lam)[(len(lam) - 1) // 2],
+               "rmse": lam.mean()}[self.options["scale"]]
         return V @ (np.sqrt(ref / lam) * V.sum(axis=0))
 
 
