@@ -468,24 +468,30 @@ class NashMTL(Method):
         Gn = Gl / s  # solved at unit scale; alpha(G / s) = sqrt(s) alpha(G)
         a = 1.0 / np.sqrt(np.diag(Gn))
         f = lambda x: 0.5 * x @ Gn @ x - np.log(x).sum()
+        residual = lambda x: np.abs(x * (Gn @ x) - 1.0).max()  # the bargaining equations
         for _ in range(200):
+            if residual(a) < 1e-12:
+                break
             r = Gn @ a - 1.0 / a
             try:
                 step = np.linalg.solve(Gn + np.diag(1.0 / a**2), -r)
             except np.linalg.LinAlgError:  # 1/a^2 underflowed: a diverges, no solution
                 return w
-            if -r @ step < 1e-16:  # Newton decrement: in the quadratic region, one last full step
-                a = a + step if np.all(a + step > 0) else a
-                break
+            if -r @ step < 1e-6 and np.all(a + step > 0):  # quadratic region: full steps
+                a = a + step
+                continue
             t = 1.0
-            while np.any(a + t * step <= 0) or f(a + t * step) > f(a) + 0.25 * t * (r @ step):
+            fa = f(a)  # Armijo, up to f's own rounding (large alpha: f ~ 1e3 and more)
+            while np.any(a + t * step <= 0) or f(a + t * step) > fa + 0.25 * t * (r @ step) + 1e-15 * abs(fa):
                 t *= 0.5
                 if t < 1e-12:
                     break
+            if t < 1e-12:  # no more progress at f's precision
+                break
             a = a + t * step
             if a.max() > 1e12:  # f unbounded below: no bargaining solution
                 return w
-        else:
+        if not residual(a) < 1e-8:
             return w
         w[live] = a if self.options["normalize"] else a / np.sqrt(s)
         max_norm = float(self.options["max_norm"])
