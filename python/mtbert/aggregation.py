@@ -714,19 +714,23 @@ class AggregationStats(ConflictStats):
     weights: Optional[Tensor] = None
     method: str = ""
 
+    has_gram: bool = True  # False for loss weighting: no per-task gradients, gram is zeros
+
     @classmethod
     def build(cls, method: str, weights: np.ndarray, gram: Optional[np.ndarray]) -> "AggregationStats":
         T = len(weights)
-        base = ConflictStats.from_gram(np.full((T, T), np.nan) if gram is None else gram)
+        base = ConflictStats.from_gram(np.zeros((T, T)) if gram is None else gram)
         return cls(gram=base.gram, cosine=base.cosine, conflicts=base.conflicts,
                    conflict_pairs=base.conflict_pairs,
-                   weights=torch.from_numpy(np.array(weights, dtype=np.float64)), method=method)
+                   weights=torch.from_numpy(np.array(weights, dtype=np.float64)), method=method,
+                   has_gram=gram is not None)
 
     def to_log(self) -> dict:
         """JSON-ready: weights and, for gradient methods, cosines and conflicts."""
         record = {"method": self.method, "weights": self.weights.tolist()}
-        if not torch.isnan(self.gram).all():
-            record.update(cosine=self.cosine.tolist(), conflicts=self.conflicts)
+        if self.has_gram:
+            record.update(cosine=self.cosine.tolist(), conflicts=self.conflicts,
+                          conflict_pairs=self.conflict_pairs)
         return record
 
 
@@ -854,3 +858,49 @@ class MultiTaskBackward:
             total = sum(float(wi) * l for wi, l in zip(w, losses) if isinstance(l, Tensor))
         total.backward()
         return AggregationStats.build(self.method.name, w, None)
+
+
+# --------------------------------------------------------------------------------------
+# Training integration: TrainConfig fields -> method options (train.py calls these)
+# --------------------------------------------------------------------------------------
+
+# TrainConfig field -> (method, option). Each is a --flag and a TOML key, saved in checkpoints.
+TRAIN_OPTIONS: dict[str, tuple[str, str]] = {
+    "cagrad_c": ("cagrad", "c"),
+    "cagrad_rescale": ("cagrad", "rescale"),
+    "gradvac_beta": ("gradvac", "beta"),
+    "nash_max_norm": ("nash", "max_norm"),
+    "aligned_scale": ("aligned", "scale"),
+    "dwa_temperature": ("dwa", "temperature"),
+    "uw_init": ("uw", "init"),
+}
+
+
+def method_from_config(cfg, steps_per_epoch: int = 1) -> Method:
+    """The method ``cfg.combine`` with its options from ``cfg`` (pcgrad's reduction from
+    ``pcgrad_reduction``; seeds from ``seed``; DWA's period is an epoch, as in the paper)."""
+    options = {opt: getattr(cfg, name) for name, (m, opt) in TRAIN_OPTIONS.items() if m == cfg.combine}
+    if cfg.combine in ("pcgrad", "gradvac", "rlw"):
+        options["seed"] = cfg.seed
+    if cfg.combine == "pcgrad":
+        options["reduction"] = cfg.pcgrad_reduction
+    if cfg.combine == "dwa":
+        options["period"] = max(1, int(steps_per_epoch))
+    return make_method(cfg.combine, **options)
+
+
+def training_backward(cfg, model, optimizer, steps_per_epoch: int) -> MultiTaskBackward:
+    """The wrapper for ``cfg.combine`` on a MultitaskBert; the method's own parameters (UW)
+    join ``optimizer`` as a group without weight decay."""
+    mtb = MultiTaskBackward(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
+                            method_from_config(cfg, steps_per_epoch))
+    if mtb.parameters():
+        optimizer.add_param_group({"params": mtb.parameters(), "weight_decay": 0.0})
+    return mtb
+
+
+def log_fields(stats: ConflictStats) -> dict:
+    """The per-step telemetry of PCGrad's ConflictStats or an AggregationStats, JSON-ready."""
+    if isinstance(stats, AggregationStats):
+        return stats.to_log()
+    return {"cosine": stats.cosine.tolist(), "conflicts": stats.conflicts, "conflict_pairs": stats.conflict_pairs}

@@ -11,6 +11,7 @@ from typing import Any, Optional
 import click
 from click.core import ParameterSource
 
+from .aggregation import METHODS  # the one tuple of --combine choices (issue 13)
 from .data import TASKS
 
 try:  # Python 3.11+
@@ -37,7 +38,17 @@ TRAIN_HELP: dict[str, str] = {
     "weight_decay": "AdamW decoupled weight decay.",
     "warmup": "Fraction of steps with linear warmup (then linear decay to 0).",
     "grad_clip": "Clip the global gradient norm to this value (0: off).",
-    "combine": "How task gradients combine: sum of losses, or PCGrad gradient surgery.",
+    "combine": "How task gradients combine: sum of losses, PCGrad gradient surgery, or another "
+               "multi-task method (see mtbert.aggregation).",
+    # ---- multi-task method options (issue 13) ----
+    "cagrad_c": "CAGrad's c: radius of the ball around the mean gradient, relative to its norm.",
+    "cagrad_rescale": "CAGrad's rescale: divide by 1 + c^2 (1), 1 + c (2) or nothing (0).",
+    "gradvac_beta": "GradVac's EMA rate of the target cosines.",
+    "nash_max_norm": "Nash-MTL: clip the combined gradient to this norm (0: off).",
+    "aligned_scale": "Aligned-MTL's scale: smallest (min), median or rms singular value.",
+    "dwa_temperature": "DWA's softmax temperature.",
+    "uw_init": "Uncertainty weighting: initial log-variance of every task.",
+    # ---- end multi-task method options ----
     "pcgrad_reduction": "Combine projected gradients by sum (same scale as --combine sum) or mean.",
     "sampling": "Tasks per step: all (round-robin) or drawn by size (proportional, temperature).",
     "temperature": "Temperature T for --sampling temperature (p ~ size^(1/T)).",
@@ -76,7 +87,8 @@ TRAIN_HELP: dict[str, str] = {
 }
 
 CHOICES = {
-    "combine": ("sum", "pcgrad"),
+    "combine": METHODS,  # issue 13: every method of mtbert.aggregation
+    "aligned_scale": ("min", "median", "rmse"),
     "pcgrad_reduction": ("sum", "mean"),
     "sampling": ("round-robin", "proportional", "temperature"),
     "pooling": ("mean", "cls", "pooler"),

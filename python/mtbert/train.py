@@ -27,11 +27,12 @@ from .model import BertModel
 from .multitask import ACTIVATIONS, MultitaskBert, MultitaskConfig, default_heads, task_loss
 from .optim import AdamW
 from .pcgrad import PCGrad
+from . import aggregation  # the multi-task methods (issue 13)
 from .pretrained import resolve_model_dir
 from .regularization import capture_rng, class_weights, head_penalty, smart_loss
 from .tokenizer import WordPieceTokenizer
 
-COMBINES = ("sum", "pcgrad")
+COMBINES = aggregation.METHODS  # sum, mean, pcgrad, mgda, cagrad, ... (issue 13)
 SAMPLINGS = ("round-robin", "proportional", "temperature")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
@@ -60,8 +61,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup: float = 0.1  # fraction of the steps with a linear warmup
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    combine: str = "sum"  # sum of the task losses, or PCGrad gradient surgery
+    combine: str = "sum"  # sum of the task losses, PCGrad, or another method of mtbert.aggregation
     pcgrad_reduction: str = "sum"  # sum keeps PCGrad's scale equal to the summed loss when no conflict
+    # ---- multi-task method options (issue 13; mtbert.aggregation.TRAIN_OPTIONS) ----
+    cagrad_c: float = 0.4
+    cagrad_rescale: int = 1
+    gradvac_beta: float = 0.01
+    nash_max_norm: float = 0.0
+    aligned_scale: str = "min"
+    dwa_temperature: float = 2.0
+    uw_init: float = 0.0
+    # ---- end multi-task method options ----
     sampling: str = "round-robin"  # every task each step, or tasks drawn by size
     temperature: float = 2.0  # for sampling="temperature": p ~ size ** (1 / T)
     max_length: int = 128
@@ -127,6 +137,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        aggregation.method_from_config(self)  # checks the method's options (issue 13)
         for name in ("reg_tasks", "smart_tasks"):
             for task in getattr(self, name):
                 task_spec(task)
@@ -311,6 +322,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     if cfg.combine == "pcgrad" and not cfg.freeze_encoder:
         surgery = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
                          reduction=cfg.pcgrad_reduction, seed=cfg.seed)
+    elif cfg.combine != "sum" and not cfg.freeze_encoder:  # any other method (issue 13)
+        surgery = aggregation.training_backward(cfg, model, optimizer, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
 
     # (5) resume: model, optimizer, RNG, samplers, step, best score
@@ -393,16 +406,15 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
                       "lr": cfg.lr * factor, "loss": mean_loss,
                       "examples_per_s": window["examples"] / elapsed}
             if stats is not None:
-                record["pcgrad"] = {"cosine": stats.cosine.tolist(), "conflicts": stats.conflicts,
-                                    "conflict_pairs": stats.conflict_pairs}
+                record["pcgrad" if cfg.combine == "pcgrad" else "aggregation"] = aggregation.log_fields(stats)
             log.write(record)
             bar.set_postfix({**{t: f"{v:.3f}" for t, v in mean_loss.items()},
                              "ex/s": f"{record['examples_per_s']:.0f}"})
             window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
         elif stats is not None:
             # Conflict statistics are logged every step (they are cheap: a T x T matrix).
-            log.write({"type": "pcgrad", "step": step, "cosine": stats.cosine.tolist(),
-                       "conflicts": stats.conflicts, "conflict_pairs": stats.conflict_pairs})
+            log.write({"type": "pcgrad" if cfg.combine == "pcgrad" else "aggregation", "step": step,
+                       **aggregation.log_fields(stats)})
 
         at_epoch_end = step % steps_per_epoch == 0
         at_eval = cfg.eval_every is not None and step % cfg.eval_every == 0
