@@ -302,7 +302,7 @@ mod pcgrad_binding {
     // The two P-sized passes every method in `mtbert.aggregation` runs: `gram` and
     // `combine`. Nested here so it calls the helpers above as they are.
     mod engine_binding {
-        use super::{checked_array, checked_threads, detached, overlaps, byte_range, value_error};
+        use super::{byte_range, checked_array, checked_threads, detached, overlaps, value_error};
         use crate::gram::{self as engine, GradError};
         use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
         use pyo3::exceptions::PyValueError;
