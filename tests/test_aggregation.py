@@ -664,3 +664,31 @@ def test_libmtl_uw_dwa_rlw_agree():
     assert np.allclose(w_theirs, np.exp(z) / np.exp(z).sum(), atol=1e-6)  # our formula
     w = agg.make_method("rlw", seed=0).loss_weights([0.0] * 3)
     assert np.all(w > 0) and abs(w.sum() - 1) <= 1e-12
+
+
+def test_native_engine_checks_its_arguments():
+    g = np.ones((3, 10), dtype=np.float32)
+    with pytest.raises(ValueError, match="dtype float32"):
+        _native.gram(g.astype(np.float64))
+    with pytest.raises(ValueError, match="2 dimension"):
+        _native.gram(g[0])
+    with pytest.raises(ValueError, match="C-contiguous"):
+        _native.combine(g[:, ::2], [1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="at least one task"):
+        _native.gram(np.ones((0, 5), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"weights must have shape \(3,\), got 9 values"):
+        _native.combine(g, np.ones((3, 3)))
+    with pytest.raises(ValueError, match="weights must be 3 real numbers"):
+        _native.combine(g, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"out must have shape \(10,\)"):
+        _native.combine(g, [1.0, 1.0, 1.0], out=np.empty(9, dtype=np.float32))
+    with pytest.raises(ValueError, match="must not overlap"):
+        _native.combine(g, [1.0, 1.0, 1.0], out=g[1])
+    with pytest.raises(ValueError, match="num_threads must be >= 0"):
+        _native.gram(g, num_threads=-1)
+    bad = g.copy()
+    bad[2, 3] = np.inf
+    with pytest.raises(ValueError, match="non-finite value .* at task 2, index 3"):
+        _native.gram(bad)
+    out = np.empty(10, dtype=np.float32)
+    assert _native.combine(g, np.array([1, 2, 3]), out=out) is out and np.all(out == 6)
