@@ -42,6 +42,12 @@ def test_each_method_trains_and_logs_its_weights(tmp_path, tiny_model_dir, data_
         assert ("cosine" in tele) == agg.make_method(method).gradient_based
     saved = json.loads((Path(cfg.out) / "last" / ckpt.STATE_JSON).read_text())
     assert saved["pcgrad"]["method"] == method  # the method's state, under the resume key
+    if method == "cagrad":  # mtbert-eval --plots draws the weights over training
+        from mtbert.plots import plot_run
+
+        written = plot_run(Path(cfg.out))
+        assert Path(cfg.out) / "method_weights.png" in written
+        assert (Path(cfg.out) / "method_weights.png").stat().st_size > 1000
 
 
 def test_method_options_are_flags_saved_in_the_checkpoint(tmp_path, tiny_model_dir, data_dir):
