@@ -101,3 +101,16 @@ def test_resume_restores_the_method_state(tmp_path, tiny_model_dir, data_dir, mo
     sa = json.loads((Path(whole.out) / "last" / ckpt.STATE_JSON).read_text())["pcgrad"]
     sb = json.loads((Path(cut.out) / "last" / ckpt.STATE_JSON).read_text())["pcgrad"]
     assert sa == sb
+
+
+def test_ablation_grid_of_methods(tmp_path, tiny_model_dir, data_dir):
+    from mtbert.ablation import GRIDS, run_grid
+
+    assert [name for name, _ in GRIDS["methods"]] == list(agg.METHODS)
+    base = tiny_config(tmp_path, tiny_model_dir, data_dir, max_steps=2, train_limit=16, eval_limit=16,
+                       out=str(tmp_path / "ablation"))
+    rows = run_grid(base, grid="methods", seeds=1, budget=1.0, out=tmp_path / "ablation",
+                    only=["mgda", "uw"])
+    assert [r["name"] for r in rows] == ["mgda", "uw"]
+    table = (tmp_path / "ablation" / "ablation.md").read_text()
+    assert "| mgda |" in table and "| uw |" in table

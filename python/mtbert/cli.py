@@ -295,8 +295,9 @@ def predict_cmd(checkpoint, as_json, sentence, second):
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--grid", type=click.Choice(["seed"]), default="seed", show_default=True,
-              help="Which grid of configurations to run (seed: the study's ablation table).")
+@click.option("--grid", type=click.Choice(["seed", "methods"]), default="seed", show_default=True,
+              help="Which grid of configurations to run (seed: the study's ablation table; "
+                   "methods: every --combine method, same budget and seeds).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds per configuration (seed, seed+1, ...).")
 @click.option("--budget", type=float, default=1.0, show_default=True,
