@@ -450,6 +450,13 @@ def test_dwa_follows_the_loss_ratios():
     # Periods' means: [1, 1, 1] then [2, 1, 1]: r = [2, 1, 1].
     z = np.array([2, 1, 1]) / 2.0
     assert np.allclose(dwa.loss_weights([1, 1, 1]), 3 * np.exp(z) / np.exp(z).sum())
+    # A task sampled out for a whole period (None) keeps ratio 1; its mean ignores absences.
+    dwa = agg.make_method("dwa", period=2)
+    for losses in ([1, 1, None], [1, 3, None], [2, 1, None], [2, 3, None]):
+        dwa.loss_weights(losses)
+    assert dwa.history == [[1.0, 2.0, None], [2.0, 2.0, None]]
+    z = np.array([2, 1, 1]) / 2.0
+    assert np.allclose(dwa.loss_weights([1, 1, 1]), 3 * np.exp(z) / np.exp(z).sum())
 
 
 # --------------------------------------------------------------------------------------

@@ -595,20 +595,30 @@ class DWA(Method):
     def current_weights(self, T: int) -> np.ndarray:
         if len(self.history) < 2:
             return np.ones(T)
-        r = np.array(self.history[1]) / np.array(self.history[0])
+        prev, last = (np.array(h, dtype=np.float64) for h in self.history)  # None -> NaN
+        # A task with no loss in a period (sampled out) or a zero loss keeps ratio 1.
+        ok = np.isfinite(prev) & np.isfinite(last) & (prev > 0)
+        r = np.where(ok, last / np.where(ok, prev, 1.0), 1.0)
         z = r / float(self.options["temperature"])
         return T * np.exp(z - z.max()) / np.exp(z - z.max()).sum()
 
     def loss_weights(self, losses):
+        """``losses``: this step's task losses; None (or NaN) for a task without a batch."""
         w = self.current_weights(len(losses))
-        self._record([float(l) for l in losses])
+        self._record([float("nan") if l is None else float(l) for l in losses])
         return w
 
     def _record(self, losses: list[float]) -> None:
-        self.running = losses if self.running is None else [a + b for a, b in zip(self.running, losses)]
+        if self.running is None:
+            self.running = [[0.0, 0] for _ in losses]  # per task: loss sum, steps with a loss
+        for acc, l in zip(self.running, losses):
+            if np.isfinite(l):
+                acc[0] += l
+                acc[1] += 1
         self.count += 1
         if self.count == int(self.options["period"]):
-            self.history = (self.history + [[v / self.count for v in self.running]])[-2:]
+            means = [s / n if n else None for s, n in self.running]  # None: JSON-safe
+            self.history = (self.history + [means])[-2:]
             self.running, self.count = None, 0
 
     def weights(self, G):
@@ -848,7 +858,7 @@ class MultiTaskBackward:
         present = [l for l in losses if isinstance(l, Tensor)]
         if not present:
             raise ValueError("no loss tensor to backward")
-        values = [float(l.detach()) if isinstance(l, Tensor) else 0.0 for l in losses]
+        values = [float(l.detach()) if isinstance(l, Tensor) else None for l in losses]
         if isinstance(self.method, UW):
             zero = present[0].new_zeros(())
             total = self.method.weighted_loss([l if isinstance(l, Tensor) else zero for l in losses])
