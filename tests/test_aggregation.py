@@ -331,7 +331,9 @@ def test_pcgrad_method_equals_the_pcgrad_function():
     order = agg.make_method("pcgrad", seed=5).draw_orders(4)
     for reduction in ("mean", "sum"):
         got = agg.aggregate(g, "pcgrad", order=order, reduction=reduction)
-        assert torch.equal(got, pcgrad(g, order=order, reduction=reduction))
+        # Same passes; the T x T algebra (numpy here, Rust there) may round a weight's last
+        # bit differently, so a rare element differs by one float32 ulp.
+        assert rel_err(got, pcgrad(g, order=order, reduction=reduction)) <= 1e-12
 
 
 @pytest.mark.parametrize("method", agg.METHODS)
