@@ -13,7 +13,7 @@ DEPS_STAMP := $(VENV)/.deps-installed
 EXT_STAMP := $(VENV)/.native-built
 RUST_SOURCES := Cargo.toml $(wildcard rust/*.rs)
 
-.PHONY: all setup train test bench cargo-test clean
+.PHONY: all setup train test bench cargo-test clean study-report
 
 all: test
 
@@ -38,6 +38,11 @@ setup: $(DEPS_STAMP) $(EXT_STAMP)
 
 train: setup
 	$(VENV)/bin/mtbert-train $(ARGS)
+
+# Tables, comparisons and plots of the evidence study (issue 15) from the committed raw results in
+# results/study (no GPU, no run folders). STUDY_RUNS=<folder of scripts/study.py> recollects them first.
+study-report: setup
+	$(PY) scripts/study_report.py --out results/study $(if $(STUDY_RUNS),--runs $(STUDY_RUNS))
 
 cargo-test:
 	cargo test --quiet

@@ -32,11 +32,18 @@ const MAX_ITEMS: usize = 256;
 const LANES: usize = 32;
 /// Columns per block of the portable combine: its float64 accumulator (2 KiB) stays in L1.
 const COMBINE_BLOCK: usize = 256;
+/// The most tasks the engine and its users accept. The T x T algebra of the methods costs
+/// O(T^3) (PCGrad: 0.15-0.25 s at T = 512, one thread, measured on a shared, loaded 2-core
+/// machine); beyond that the callers' numbers, not the data, would decide how long a call
+/// runs, so larger T is refused with [`GradError::TooManyTasks`].
+pub const MAX_TASKS: usize = 512;
 
 /// Everything that can go wrong in the engine and its users; the binding turns each into a `ValueError`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum GradError {
     NoTasks,
+    /// More than [`MAX_TASKS`] tasks.
+    TooManyTasks(usize),
     /// `grads.len()` is not a multiple of the task count.
     BadLength {
         len: usize,
@@ -61,6 +68,12 @@ pub enum GradError {
         value: i64,
         tasks: usize,
     },
+    /// Row `row` of the order names task `task` twice (so it is not a permutation).
+    OrderRepeat {
+        row: usize,
+        task: usize,
+        tasks: usize,
+    },
     BadEps(f64),
     UnknownReduction(String),
     /// `weights` does not hold one value per task.
@@ -78,6 +91,10 @@ impl fmt::Display for GradError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             GradError::NoTasks => write!(f, "grads must have at least one task (T >= 1)"),
+            GradError::TooManyTasks(tasks) => write!(
+                f,
+                "grads has {tasks} tasks; at most {MAX_TASKS} are supported (the T x T algebra grows as T^3)"
+            ),
             GradError::BadLength { len, tasks } => {
                 write!(
                     f,
@@ -104,6 +121,10 @@ impl fmt::Display for GradError {
             } => write!(
                 f,
                 "order[{row}, {col}] = {value} is not a task index in [0, {tasks})"
+            ),
+            GradError::OrderRepeat { row, task, tasks } => write!(
+                f,
+                "order row {row} is not a permutation of 0..{tasks}: task {task} appears more than once"
             ),
             GradError::BadEps(eps) => write!(f, "eps must be finite and >= 0, got {eps}"),
             GradError::UnknownReduction(name) => {
@@ -194,6 +215,10 @@ mod simd {
     }
 
     /// 4 x 8 float32 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA (see [`has_avx2_fma`]). Reads `a[..n]` and
+    /// `b[..n]` only, `n = min(a.len(), b.len())`, so any two slices are in bounds.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn block_dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -227,6 +252,10 @@ mod simd {
     }
 
     /// 8 x 4 float32 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support SSE2 (every x86_64 CPU does). Reads `a[..n]` and `b[..n]`
+    /// only, `n = min(a.len(), b.len())`, so any two slices are in bounds.
     #[target_feature(enable = "sse2")]
     pub unsafe fn block_dot_sse2(a: &[f32], b: &[f32]) -> f32 {
         let n = a.len().min(b.len());
@@ -261,6 +290,9 @@ mod simd {
     }
 
     /// One column in float64 (the tails of the vector loops).
+    ///
+    /// # Safety
+    /// `i < rows[k].len()` for every `k` (unchecked reads).
     #[inline(always)]
     unsafe fn combine_column(rows: &[&[f32]], weights: &[f64], i: usize) -> f32 {
         let mut a = 0.0f64;
@@ -272,6 +304,10 @@ mod simd {
 
     /// `out[i] = sum_k weights[k] * rows[k][i]`: 8 columns at a time, float64 accumulation
     /// (two 4-lane registers), one rounding to float32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA, and every `rows[k]` must hold at least
+    /// `out.len()` values (`Kernels::combine` asserts it): rows are read unchecked.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn combine_avx2(rows: &[&[f32]], weights: &[f64], out: &mut [f32]) {
         let n = out.len();
@@ -297,6 +333,10 @@ mod simd {
     }
 
     /// SSE2: 4 columns at a time, float64 accumulation.
+    ///
+    /// # Safety
+    /// The CPU must support SSE2, and every `rows[k]` must hold at least `out.len()`
+    /// values (`Kernels::combine` asserts it): rows are read unchecked.
     #[target_feature(enable = "sse2")]
     pub unsafe fn combine_sse2(rows: &[&[f32]], weights: &[f64], out: &mut [f32]) {
         let n = out.len();
@@ -416,10 +456,18 @@ fn gram_chunk(
     }
 }
 
-pub(crate) fn rows_of(grads: &[f32], tasks: usize) -> Result<usize, GradError> {
-    if tasks == 0 {
-        return Err(GradError::NoTasks);
+/// The task count is supported: `1 <= tasks <= MAX_TASKS`.
+pub fn check_tasks(tasks: usize) -> Result<(), GradError> {
+    match tasks {
+        0 => Err(GradError::NoTasks),
+        t if t > MAX_TASKS => Err(GradError::TooManyTasks(t)),
+        _ => Ok(()),
     }
+}
+
+/// The columns P of the (T, P) row-major `grads`, once T is supported and divides the length.
+pub(crate) fn rows_of(grads: &[f32], tasks: usize) -> Result<usize, GradError> {
+    check_tasks(tasks)?;
     if !grads.len().is_multiple_of(tasks) {
         return Err(GradError::BadLength {
             len: grads.len(),
@@ -458,8 +506,8 @@ fn gram_f64(grads: &[f32], tasks: usize, p: usize) -> Vec<f64> {
 
 /// Row-major (T, T) Gram matrix `G[i,j] = g_i · g_j` of the (T, P) row-major `grads`, in
 /// float64. One pass over the data, parallel over column chunks with `threads` workers
-/// (0: the default count). NaN or inf in `grads` is an error: it shows up as a non-finite
-/// Gram entry, and only then is the data scanned to report where it is.
+/// (0: the default count); `1 <= T <= MAX_TASKS`. NaN or inf in `grads` is an error: it
+/// shows up as a non-finite Gram entry, and only then is the data scanned to report where it is.
 pub fn gram(grads: &[f32], tasks: usize, threads: usize) -> Result<Vec<f64>, GradError> {
     let p = rows_of(grads, tasks)?;
     let pairs = tasks * (tasks + 1) / 2;
@@ -534,7 +582,8 @@ pub fn cosine(gram: &[f64], tasks: usize) -> Vec<f64> {
 
 /// `out[p] = sum_k weights[k] * grads[k, p]` for the (T, P) row-major `grads`: one parallel
 /// pass over the data (float64 accumulation per element, one rounding to float32), with
-/// `threads` workers (0: the default count). `weights` holds T finite values.
+/// `threads` workers (0: the default count). `weights` holds T finite values,
+/// `1 <= T <= MAX_TASKS`.
 pub fn combine_into(
     grads: &[f32],
     tasks: usize,
@@ -735,5 +784,23 @@ mod tests {
             combine_into(&grads, 4, &[0.0; 4], &mut out, 1),
             Err(GradError::BadLength { .. })
         ));
+        // The task bound holds for the engine too, before anything is allocated or read.
+        let too_many = MAX_TASKS + 1;
+        assert_eq!(
+            combine_into(&[], too_many, &vec![1.0; too_many], &mut [], 1).unwrap_err(),
+            GradError::TooManyTasks(too_many)
+        );
+        assert_eq!(
+            combine_into(&[], usize::MAX, &[], &mut [], 1).unwrap_err(),
+            GradError::TooManyTasks(usize::MAX)
+        );
+        assert_eq!(
+            gram(&[], too_many, 1).unwrap_err(),
+            GradError::TooManyTasks(too_many)
+        );
+        assert_eq!(
+            gram(&[], MAX_TASKS, 1).unwrap(),
+            vec![0.0; MAX_TASKS * MAX_TASKS]
+        );
     }
 }

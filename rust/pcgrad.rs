@@ -22,7 +22,9 @@
 
 use crate::gram::rows_of;
 // The engine: PCGrad is one user of it; these names stay reachable from here as before.
-pub use crate::gram::{combine_into, cosine, gram, GradError as PcgradError};
+pub use crate::gram::{
+    check_tasks, combine_into, cosine, gram, GradError as PcgradError, MAX_TASKS,
+};
 
 /// How the projected task gradients are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,28 +89,58 @@ pub fn random_orders(tasks: usize, seed: u64) -> Vec<usize> {
 
 /// Checks a row-major (T, T) order given as signed integers and converts it.
 pub fn checked_orders(order: &[i64], tasks: usize) -> Result<Vec<usize>, PcgradError> {
+    check_tasks(tasks)?;
     if order.len() != tasks * tasks {
         return Err(PcgradError::OrderShape {
             expected: tasks,
             got: order.len(),
         });
     }
-    order
+    let orders = order
         .iter()
         .enumerate()
-        .map(|(n, &v)| {
-            if v >= 0 && (v as u64) < tasks as u64 {
-                Ok(v as usize)
-            } else {
-                Err(PcgradError::OrderEntry {
-                    row: n / tasks,
-                    col: n % tasks,
-                    value: v,
-                    tasks,
-                })
-            }
+        .map(|(n, &v)| match usize::try_from(v) {
+            Ok(u) if u < tasks => Ok(u),
+            _ => Err(PcgradError::OrderEntry {
+                row: n / tasks,
+                col: n % tasks,
+                value: v,
+                tasks,
+            }),
         })
-        .collect()
+        .collect::<Result<Vec<usize>, _>>()?;
+    check_orders(&orders, tasks)?;
+    Ok(orders)
+}
+
+/// Checks that the row-major `orders` are (T, T) and that each row is a permutation of
+/// `0..T` (a repeated task would project twice onto one gradient and skip another).
+pub fn check_orders(orders: &[usize], tasks: usize) -> Result<(), PcgradError> {
+    check_tasks(tasks)?;
+    if orders.len() != tasks * tasks {
+        return Err(PcgradError::OrderShape {
+            expected: tasks,
+            got: orders.len(),
+        });
+    }
+    let mut seen = vec![false; tasks];
+    for (row, entries) in orders.chunks_exact(tasks).enumerate() {
+        seen.fill(false);
+        for (col, &task) in entries.iter().enumerate() {
+            if task >= tasks {
+                return Err(PcgradError::OrderEntry {
+                    row,
+                    col,
+                    value: i64::try_from(task).unwrap_or(i64::MAX),
+                    tasks,
+                });
+            }
+            if std::mem::replace(&mut seen[task], true) {
+                return Err(PcgradError::OrderRepeat { row, task, tasks });
+            }
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -120,13 +152,15 @@ pub fn checked_orders(order: &[i64], tasks: usize) -> Result<Vec<usize>, PcgradE
 /// Starting from `p_i = g_i`, for each `j` in `orders[i]`: `d = p_i · g_j = C[i,:] · G[:,j]`;
 /// if `d < 0`, `C[i,j] -= d / (G[j,j] + eps)`. A zero `g_j` gives `d = 0`: no projection,
 /// so no division by zero whatever `eps` is (and a zero denominator is skipped).
+/// `gram` must be symmetric (as [`gram`] returns it): row `j` is read for column `j`.
 pub fn coefficients(gram: &[f64], tasks: usize, orders: &[usize], eps: f64) -> Vec<f64> {
     let mut c = vec![0.0f64; tasks * tasks];
     for i in 0..tasks {
         let row = &mut c[i * tasks..(i + 1) * tasks];
         row[i] = 1.0;
         for &j in &orders[i * tasks..(i + 1) * tasks] {
-            let d: f64 = (0..tasks).map(|k| row[k] * gram[k * tasks + j]).sum();
+            // G is symmetric: read row j (contiguous) rather than column j; same values.
+            let d: f64 = (0..tasks).map(|k| row[k] * gram[j * tasks + k]).sum();
             let denom = gram[j * tasks + j] + eps;
             if d < 0.0 && denom > 0.0 {
                 row[j] -= d / denom;
@@ -161,8 +195,8 @@ pub struct Surgery {
 
 /// PCGrad of the (T, P) row-major float32 `grads` into `out` (length P).
 ///
-/// `orders` is row-major (T, T), entries in `0..T` (see [`checked_orders`] and
-/// [`random_orders`]). `eps` (finite, >= 0) is added to `||g_j||^2` in each projection.
+/// `orders` is row-major (T, T), each row a permutation of `0..T` (see [`checked_orders`]
+/// and [`random_orders`]); `1 <= T <= MAX_TASKS`. `eps` (finite, >= 0) is added to `||g_j||^2` in each projection.
 pub fn pcgrad_into(
     grads: &[f32],
     tasks: usize,
@@ -176,20 +210,7 @@ pub fn pcgrad_into(
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(PcgradError::BadEps(eps));
     }
-    if orders.len() != tasks * tasks {
-        return Err(PcgradError::OrderShape {
-            expected: tasks,
-            got: orders.len(),
-        });
-    }
-    if let Some(n) = orders.iter().position(|&j| j >= tasks) {
-        return Err(PcgradError::OrderEntry {
-            row: n / tasks,
-            col: n % tasks,
-            value: orders[n] as i64,
-            tasks,
-        });
-    }
+    check_orders(orders, tasks)?;
     if out.len() != p {
         return Err(PcgradError::OutLength {
             expected: p,
@@ -415,16 +436,78 @@ mod tests {
     #[test]
     fn explicit_orders_and_self_in_order() {
         let grads = random_grads(4, 3000, 17, 0.0);
-        // Rows with repeats and self only: all legal.
-        let orders = [0, 0, 0, 0, 3, 1, 2, 0, 2, 2, 2, 2, 1, 1, 3, 0];
+        // Any permutation is legal, the task itself anywhere in its row.
+        let orders = [0, 1, 2, 3, 3, 1, 2, 0, 2, 0, 3, 1, 1, 0, 3, 2];
         check(&grads, 4, &orders, Reduction::Mean);
-        // Self only: a vector is never projected onto itself (g·g >= 0).
-        let selfish = [0, 0, 1, 1];
-        let two = &grads[..2 * 3000];
-        let out = pcgrad(two, 2, &selfish, Reduction::Sum, 1e-12, 1).unwrap();
-        for k in 0..3000 {
-            assert!((out[k] - (two[k] + two[3000 + k])).abs() <= 1e-6);
+    }
+
+    #[test]
+    fn orders_must_be_permutations() {
+        let grads = random_grads(2, 100, 17, 0.0);
+        let mut out = vec![0.0f32; 100];
+        for bad in [[0, 0, 1, 0], [1, 0, 1, 1]] {
+            let err = pcgrad_into(&grads, 2, &bad, Reduction::Sum, 0.0, &mut out, 1).unwrap_err();
+            assert!(matches!(err, PcgradError::OrderRepeat { .. }), "{err:?}");
+            assert!(err.to_string().contains("not a permutation"), "{err}");
         }
+        let err = checked_orders(&[0, 1, 1, 1], 2).unwrap_err();
+        assert_eq!(
+            err,
+            PcgradError::OrderRepeat {
+                row: 1,
+                task: 1,
+                tasks: 2
+            }
+        );
+        assert!(matches!(
+            checked_orders(&[0, 1, i64::MAX, 0], 2),
+            Err(PcgradError::OrderEntry {
+                row: 1,
+                col: 0,
+                value: i64::MAX,
+                ..
+            })
+        ));
+        assert!(matches!(
+            checked_orders(&[0, 1, i64::MIN, 0], 2),
+            Err(PcgradError::OrderEntry {
+                value: i64::MIN,
+                ..
+            })
+        ));
+        assert!(matches!(
+            check_orders(&[0, 1, usize::MAX, 0], 2),
+            Err(PcgradError::OrderEntry {
+                value: i64::MAX,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn task_count_is_bounded_before_any_allocation() {
+        // No columns, so nothing but the task count could make these calls big.
+        let too_many = MAX_TASKS + 1;
+        assert_eq!(
+            gram(&[], too_many, 1).unwrap_err(),
+            PcgradError::TooManyTasks(too_many)
+        );
+        assert_eq!(
+            gram(&[], usize::MAX, 1).unwrap_err(),
+            PcgradError::TooManyTasks(usize::MAX)
+        );
+        assert!(matches!(
+            pcgrad(&[], usize::MAX, &[], Reduction::Mean, 0.0, 1),
+            Err(PcgradError::TooManyTasks(_))
+        ));
+        assert!(matches!(
+            checked_orders(&[], usize::MAX),
+            Err(PcgradError::TooManyTasks(_))
+        ));
+        assert!(check_tasks(MAX_TASKS).is_ok());
+        assert!(PcgradError::TooManyTasks(too_many)
+            .to_string()
+            .contains("at most"));
     }
 
     #[test]

@@ -1,47 +1,149 @@
 //! The Python binding: the only file that touches pyo3.
 //!
-//! Each entry point checks shapes, dtypes and types, raises `ValueError` with a
-//! clear message, extracts its inputs while holding the GIL, then releases the
-//! GIL (`py.detach`) for the work.
+//! Each entry point checks its arguments here or in the core (types, shapes, dtypes,
+//! ranges, sizes; the Python wrappers do not repeat these checks), extracts its inputs
+//! while holding the GIL, then runs the work with the GIL released in [`detached`].
+//!
+//! Guarantees at this boundary: every failure is a Python exception, never an abort.
+//! [`NativeError`] is the one error type; its variant is the exception raised
+//! (`ValueError`, `TypeError`, `MemoryError`; a Rust panic, which would be a bug,
+//! becomes `RuntimeError`). Allocations sized by a caller's numbers are fallible, thread
+//! counts are at most `pool::MAX_THREADS`, task counts (PCGrad, `gram`, `combine`) at most
+//! `gram::MAX_TASKS`.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+
+/// The binding's one error type: each variant names the Python exception it becomes.
+enum NativeError {
+    /// `ValueError`: an argument of the right type with a wrong value, shape or layout.
+    Value(String),
+    /// `TypeError`: an argument of the wrong type.
+    Type(String),
+    /// `MemoryError`: an output sized by the caller's numbers cannot be allocated.
+    Memory(String),
+    /// `RuntimeError`: a Rust panic caught at the boundary (a bug in mtbert).
+    Internal(String),
+    /// An exception raised by Python code the binding called, passed on unchanged.
+    Python(PyErr),
+}
+
+type NativeResult<T> = Result<T, NativeError>;
+
+impl From<NativeError> for PyErr {
+    fn from(e: NativeError) -> PyErr {
+        match e {
+            NativeError::Value(m) => PyValueError::new_err(m),
+            NativeError::Type(m) => PyTypeError::new_err(m),
+            NativeError::Memory(m) => PyMemoryError::new_err(m),
+            NativeError::Internal(m) => PyRuntimeError::new_err(m),
+            NativeError::Python(e) => e,
+        }
+    }
+}
+
+impl From<PyErr> for NativeError {
+    fn from(e: PyErr) -> Self {
+        NativeError::Python(e)
+    }
+}
+
+/// The Gram engine's errors (PCGrad's included: `pcgrad::PcgradError` is this type).
+impl From<crate::gram::GradError> for NativeError {
+    fn from(e: crate::gram::GradError) -> Self {
+        NativeError::Value(e.to_string())
+    }
+}
+
+impl From<crate::wordpiece::Error> for NativeError {
+    fn from(e: crate::wordpiece::Error) -> Self {
+        match e {
+            crate::wordpiece::Error::OutOfMemory(m) => NativeError::Memory(m),
+            other => NativeError::Value(other.to_string()),
+        }
+    }
+}
+
+/// Runs `f` with the GIL released; a panic becomes `NativeError::Internal`, never an abort.
+fn detached<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, what: &str, f: F) -> NativeResult<T> {
+    py.detach(|| catch_unwind(AssertUnwindSafe(f)))
+        .map_err(|payload| {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            NativeError::Internal(format!("internal error in mtbert._native.{what}: {msg}"))
+        })
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".to_string())
+}
+
+/// An integer argument (a Python int or anything with `__index__`, not a bool) as i64.
+fn int_arg(obj: &Bound<'_, PyAny>, what: &str) -> NativeResult<i64> {
+    if obj.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(NativeError::Type(format!(
+            "{what} must be an int, not bool"
+        )));
+    }
+    obj.extract::<i64>().map_err(|_| {
+        if obj.hasattr("__index__").unwrap_or(false) {
+            NativeError::Value(format!("{what} is out of range: {obj}"))
+        } else {
+            NativeError::Type(format!("{what} must be an int, not {}", type_name(obj)))
+        }
+    })
+}
+
+/// `num_threads`: 0 or None (all cores) up to `pool::MAX_THREADS`, as a worker count.
+fn threads_arg(num_threads: Option<&Bound<'_, PyAny>>) -> NativeResult<usize> {
+    let negative = || {
+        NativeError::Value(format!(
+            "num_threads must be >= 0 (0: all cores), got {}",
+            num_threads.map_or(String::new(), |o| o.to_string())
+        ))
+    };
+    let n = match num_threads {
+        Some(obj) if !obj.is_none() => match int_arg(obj, "num_threads") {
+            Ok(n) => usize::try_from(n).map_err(|_| negative())?,
+            // Beyond i64: as too many threads (or too few) as any other count.
+            Err(NativeError::Value(_)) if obj.lt(0)? => return Err(negative()),
+            Err(NativeError::Value(_)) => usize::MAX,
+            Err(e) => return Err(e),
+        },
+        _ => 0,
+    };
+    crate::pool::checked_threads(n, "num_threads").map_err(|_| {
+        NativeError::Value(format!(
+            "num_threads must be at most {} (0: all cores), got {}",
+            crate::pool::MAX_THREADS,
+            num_threads.map_or(String::new(), |o| o.to_string())
+        ))
+    })
+}
 
 // ==== PCGrad binding (owned by the PCGrad work) ====
 // In its own module so that its `use` lines never collide with another section's.
 mod pcgrad_binding {
-    use crate::pcgrad::{self as core, PcgradError, Reduction};
+    use super::{detached, threads_arg, type_name, NativeError, NativeResult};
+    use crate::pcgrad::{self as core, Reduction};
     use numpy::{
         PyArray1, PyArray2, PyArrayDescrMethods, PyArrayMethods, PyUntypedArray,
         PyUntypedArrayMethods,
     };
-    use pyo3::exceptions::{PyRuntimeError, PyValueError};
     use pyo3::prelude::*;
     use std::hash::BuildHasher;
     use std::ops::Range;
-    use std::panic::{catch_unwind, AssertUnwindSafe};
 
-    fn value_error(e: PcgradError) -> PyErr {
-        PyValueError::new_err(e.to_string())
-    }
-
-    /// Runs `f` with the GIL released; a panic becomes a `RuntimeError`, never an abort.
-    fn detached<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, what: &str, f: F) -> PyResult<T> {
-        py.detach(|| catch_unwind(AssertUnwindSafe(f)))
-            .map_err(|payload| {
-                let msg = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_string());
-                PyRuntimeError::new_err(format!("internal error in mtbert._native.{what}: {msg}"))
-            })
-    }
-
-    fn type_name(obj: &Bound<'_, PyAny>) -> String {
-        obj.get_type()
-            .name()
-            .map(|n| n.to_string())
-            .unwrap_or_else(|_| "?".to_string())
+    fn value(msg: impl Into<String>) -> NativeError {
+        NativeError::Value(msg.into())
     }
 
     /// `obj` as a numpy array with `ndim` dimensions, dtype `T` (native byte order),
@@ -52,33 +154,33 @@ mod pcgrad_binding {
         ndim: usize,
         shape: &str,
         dtype: &str,
-    ) -> PyResult<Bound<'py, PyUntypedArray>> {
+    ) -> NativeResult<Bound<'py, PyUntypedArray>> {
         let arr = obj.cast::<PyUntypedArray>().map_err(|_| {
-            PyValueError::new_err(format!(
+            value(format!(
                 "{name} must be a numpy.ndarray of {dtype} with shape {shape}, got {} \
                  (use tensor.numpy() for a CPU torch tensor)",
                 type_name(obj)
             ))
         })?;
         if arr.ndim() != ndim {
-            return Err(PyValueError::new_err(format!(
+            return Err(value(format!(
                 "{name} must have {ndim} dimension(s) {shape}, got shape {:?}",
                 arr.shape()
             )));
         }
         if !arr.dtype().is_equiv_to(&numpy::dtype::<T>(obj.py())) {
-            return Err(PyValueError::new_err(format!(
+            return Err(value(format!(
                 "{name} must have dtype {dtype} (native byte order), got {}",
                 arr.dtype()
             )));
         }
         if !arr.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!(
+            return Err(value(format!(
                 "{name} must be C-contiguous (use numpy.ascontiguousarray or tensor.contiguous())"
             )));
         }
         if !arr.is_aligned() {
-            return Err(PyValueError::new_err(format!("{name} must be aligned")));
+            return Err(value(format!("{name} must be aligned")));
         }
         Ok(arr.clone())
     }
@@ -94,57 +196,55 @@ mod pcgrad_binding {
         a.start < b.end && b.start < a.end
     }
 
-    /// The (T, T) order: an integer array-like, entries in [0, T).
+    /// The (T, T) order: an integer array-like, each row a permutation of 0..T.
     fn checked_order(
         py: Python<'_>,
         order: &Bound<'_, PyAny>,
         tasks: usize,
-    ) -> PyResult<Vec<usize>> {
+    ) -> NativeResult<Vec<usize>> {
         let np = py.import("numpy")?;
         let arr = np.call_method1("asarray", (order,)).map_err(|e| {
-            PyValueError::new_err(format!(
+            value(format!(
                 "order must be an integer array of shape ({tasks}, {tasks}): {e}"
             ))
         })?;
-        let untyped = arr.cast::<PyUntypedArray>()?;
+        let untyped = arr.cast::<PyUntypedArray>().map_err(PyErr::from)?;
         let kind = untyped.dtype().kind();
         if kind != b'i' && kind != b'u' {
-            return Err(PyValueError::new_err(format!(
+            return Err(value(format!(
                 "order must be an integer array, got dtype {}",
                 untyped.dtype()
             )));
         }
         if untyped.shape() != [tasks, tasks] {
-            return Err(PyValueError::new_err(format!(
+            return Err(value(format!(
                 "order must have shape ({tasks}, {tasks}), got {:?}",
                 untyped.shape()
             )));
         }
+        // uint64 values above 2**63 would wrap to negative int64: refuse them first.
+        if kind == b'u' && untyped.dtype().itemsize() == 8 {
+            let max: u64 = arr.call_method0("max")?.extract().unwrap_or(0);
+            if max >= tasks as u64 {
+                return Err(value(format!(
+                    "order has an entry {max}, not a task index in [0, {tasks})"
+                )));
+            }
+        }
         let arr = np.call_method1("ascontiguousarray", (arr, "int64"))?;
-        let arr = arr.cast::<PyArray2<i64>>()?;
-        let values = arr
-            .to_vec()
-            .map_err(|e| PyValueError::new_err(format!("order: {e}")))?;
-        core::checked_orders(&values, tasks).map_err(value_error)
+        let arr = arr.cast::<PyArray2<i64>>().map_err(PyErr::from)?;
+        let values = arr.to_vec().map_err(|e| value(format!("order: {e}")))?;
+        Ok(core::checked_orders(&values, tasks)?)
     }
 
-    fn checked_seed(seed: &Bound<'_, PyAny>) -> PyResult<u64> {
-        seed.extract::<u64>().map_err(|_| {
-            PyValueError::new_err(format!("seed must be an integer in [0, 2**64), got {seed}"))
-        })
-    }
-
-    fn checked_threads(num_threads: i64) -> PyResult<usize> {
-        usize::try_from(num_threads).map_err(|_| {
-            PyValueError::new_err(format!(
-                "num_threads must be >= 0 (0: all cores), got {num_threads}"
-            ))
-        })
+    fn checked_seed(seed: &Bound<'_, PyAny>) -> NativeResult<u64> {
+        seed.extract::<u64>()
+            .map_err(|_| value(format!("seed must be an integer in [0, 2**64), got {seed}")))
     }
 
     /// PCGrad of the (T, P) float32 `grads`; see `_native.pyi`.
     #[pyfunction]
-    #[pyo3(signature = (grads, *, order=None, seed=None, reduction="mean", eps=1e-12, out=None, num_threads=0, gram_out=None))]
+    #[pyo3(signature = (grads, *, order=None, seed=None, reduction="mean", eps=1e-12, out=None, num_threads=None, gram_out=None))]
     #[allow(clippy::too_many_arguments)]
     fn pcgrad<'py>(
         py: Python<'py>,
@@ -154,40 +254,39 @@ mod pcgrad_binding {
         reduction: &str,
         eps: f64,
         out: Option<&Bound<'py, PyAny>>,
-        num_threads: i64,
+        num_threads: Option<&Bound<'py, PyAny>>,
         gram_out: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyAny>> {
+    ) -> NativeResult<Bound<'py, PyAny>> {
         // 1. Checks and extraction, holding the GIL.
         let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
         let (tasks, p) = (untyped.shape()[0], untyped.shape()[1]);
-        if tasks < 1 {
-            return Err(value_error(PcgradError::NoTasks));
-        }
-        let reduction = Reduction::parse(reduction).map_err(value_error)?;
+        core::check_tasks(tasks)?; // before anything T x T is allocated
+        let reduction = Reduction::parse(reduction)?;
         if !(eps.is_finite() && eps >= 0.0) {
-            return Err(value_error(PcgradError::BadEps(eps)));
+            return Err(core::PcgradError::BadEps(eps).into());
         }
-        let threads = checked_threads(num_threads)?;
+        let threads = threads_arg(num_threads)?;
         let orders = match (order, seed) {
             (Some(order), _) => checked_order(py, order, tasks)?,
             (None, Some(seed)) => core::random_orders(tasks, checked_seed(seed)?),
             // No order and no seed: fresh orders from the standard library's random keys.
             (None, None) => core::random_orders(tasks, std::hash::RandomState::new().hash_one(p)),
         };
-        let grads_arr = untyped.cast::<PyArray2<f32>>()?;
+        let grads_arr = untyped.cast::<PyArray2<f32>>().map_err(PyErr::from)?;
         let out_arr: Bound<'py, PyArray1<f32>> = match out {
             Some(out) => {
                 let shape = format!("({p},)");
                 checked_array::<f32>(out, "out", 1, &shape, "float32")?;
-                let out = out.cast::<PyArray1<f32>>()?.clone();
+                let out = out.cast::<PyArray1<f32>>().map_err(PyErr::from)?.clone();
                 if out.len() != p {
-                    return Err(value_error(PcgradError::OutLength {
+                    return Err(core::PcgradError::OutLength {
                         expected: p,
                         got: out.len(),
-                    }));
+                    }
+                    .into());
                 }
                 if p > 0 && overlaps(&byte_range(&out), &byte_range(grads_arr)) {
-                    return Err(PyValueError::new_err("out must not overlap grads"));
+                    return Err(value("out must not overlap grads"));
                 }
                 out
             }
@@ -197,9 +296,9 @@ mod pcgrad_binding {
             Some(g) => {
                 let shape = format!("({tasks}, {tasks})");
                 checked_array::<f64>(g, "gram_out", 2, &shape, "float64")?;
-                let g = g.cast::<PyArray2<f64>>()?.clone();
+                let g = g.cast::<PyArray2<f64>>().map_err(PyErr::from)?.clone();
                 if g.shape() != [tasks, tasks] {
-                    return Err(PyValueError::new_err(format!(
+                    return Err(value(format!(
                         "gram_out must have shape {shape}, got {:?}",
                         g.shape()
                     )));
@@ -210,16 +309,12 @@ mod pcgrad_binding {
         };
         let grads_ro = grads_arr
             .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("grads: {e}")))?;
+            .map_err(|e| value(format!("grads: {e}")))?;
         let mut out_rw = out_arr
             .try_readwrite()
-            .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-        let grads_slice = grads_ro
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let out_slice = out_rw
-            .as_slice_mut()
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+            .map_err(|e| value(format!("out: {e}")))?;
+        let grads_slice = grads_ro.as_slice().map_err(|e| value(e.to_string()))?;
+        let out_slice = out_rw.as_slice_mut().map_err(|e| value(e.to_string()))?;
 
         // 2. The work, without the GIL.
         let surgery = detached(py, "pcgrad", || {
@@ -232,16 +327,15 @@ mod pcgrad_binding {
                 out_slice,
                 threads,
             )
-        })?
-        .map_err(value_error)?;
+        })??;
 
         // 3. Results.
         if let Some(g) = gram_arr {
             let mut rw = g
                 .try_readwrite()
-                .map_err(|e| PyValueError::new_err(format!("gram_out: {e}")))?;
+                .map_err(|e| value(format!("gram_out: {e}")))?;
             rw.as_slice_mut()
-                .map_err(|e| PyValueError::new_err(e.to_string()))?
+                .map_err(|e| value(e.to_string()))?
                 .copy_from_slice(&surgery.gram);
         }
         drop(out_rw);
@@ -252,129 +346,121 @@ mod pcgrad_binding {
 
     /// Gram and cosine matrices of the (T, P) float32 `grads`; see `_native.pyi`.
     #[pyfunction]
-    #[pyo3(signature = (grads, *, num_threads=0))]
+    #[pyo3(signature = (grads, *, num_threads=None))]
     fn gradient_stats<'py>(
         py: Python<'py>,
         grads: &Bound<'py, PyAny>,
-        num_threads: i64,
-    ) -> PyResult<(MatrixF64<'py>, MatrixF64<'py>)> {
+        num_threads: Option<&Bound<'py, PyAny>>,
+    ) -> NativeResult<(MatrixF64<'py>, MatrixF64<'py>)> {
         let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
         let tasks = untyped.shape()[0];
-        if tasks < 1 {
-            return Err(value_error(PcgradError::NoTasks));
-        }
-        let threads = checked_threads(num_threads)?;
+        core::check_tasks(tasks)?;
+        let threads = threads_arg(num_threads)?;
         let ro = untyped
-            .cast::<PyArray2<f32>>()?
+            .cast::<PyArray2<f32>>()
+            .map_err(PyErr::from)?
             .try_readonly()
-            .map_err(|e| PyValueError::new_err(format!("grads: {e}")))?;
-        let slice = ro
-            .as_slice()
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
-        let gram = detached(py, "gradient_stats", || core::gram(slice, tasks, threads))?
-            .map_err(value_error)?;
+            .map_err(|e| value(format!("grads: {e}")))?;
+        let slice = ro.as_slice().map_err(|e| value(e.to_string()))?;
+        let gram = detached(py, "gradient_stats", || core::gram(slice, tasks, threads))??;
         let cos = core::cosine(&gram, tasks);
         let to_array = |v: Vec<f64>| PyArray1::from_vec(py, v).reshape([tasks, tasks]);
         Ok((to_array(gram)?, to_array(cos)?))
-    }
-
-    /// The (T, T) int64 orders that `pcgrad(..., seed=seed)` uses; see `_native.pyi`.
-    #[pyfunction]
-    fn pcgrad_orders<'py>(
-        py: Python<'py>,
-        num_tasks: i64,
-        seed: &Bound<'py, PyAny>,
-    ) -> PyResult<Bound<'py, PyArray2<i64>>> {
-        let tasks = usize::try_from(num_tasks)
-            .ok()
-            .filter(|&t| t >= 1)
-            .ok_or_else(|| {
-                PyValueError::new_err(format!("num_tasks must be >= 1, got {num_tasks}"))
-            })?;
-        let orders: Vec<i64> = core::random_orders(tasks, checked_seed(seed)?)
-            .into_iter()
-            .map(|v| v as i64)
-            .collect();
-        PyArray1::from_vec(py, orders).reshape([tasks, tasks])
     }
 
     // ==== Gram engine binding (owned by the multi-task methods work, issue 13) ====
     // The two P-sized passes every method in `mtbert.aggregation` runs: `gram` and
     // `combine`. Nested here so it calls the helpers above as they are.
     mod engine_binding {
-        use super::{byte_range, checked_array, checked_threads, detached, overlaps, value_error};
+        use super::{
+            byte_range, checked_array, detached, overlaps, threads_arg, value, NativeResult,
+        };
         use crate::gram::{self as engine, GradError};
         use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
-        use pyo3::exceptions::PyValueError;
         use pyo3::prelude::*;
 
         /// The (T, T) float64 Gram matrix of the (T, P) float32 `grads`; see `_native.pyi`.
         #[pyfunction]
-        #[pyo3(signature = (grads, *, num_threads=0))]
+        #[pyo3(signature = (grads, *, num_threads=None))]
         fn gram<'py>(
             py: Python<'py>,
             grads: &Bound<'py, PyAny>,
-            num_threads: i64,
-        ) -> PyResult<Bound<'py, PyArray2<f64>>> {
+            num_threads: Option<&Bound<'py, PyAny>>,
+        ) -> NativeResult<Bound<'py, PyArray2<f64>>> {
             let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
             let tasks = untyped.shape()[0];
-            if tasks < 1 {
-                return Err(value_error(GradError::NoTasks));
-            }
-            let threads = checked_threads(num_threads)?;
+            engine::check_tasks(tasks)?; // before anything T x T is allocated
+            let threads = threads_arg(num_threads)?;
             let ro = untyped
-                .cast::<PyArray2<f32>>()?
+                .cast::<PyArray2<f32>>()
+                .map_err(PyErr::from)?
                 .try_readonly()
-                .map_err(|e| PyValueError::new_err(format!("grads: {e}")))?;
-            let slice = ro
-                .as_slice()
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let g = detached(py, "gram", || engine::gram(slice, tasks, threads))?
-                .map_err(value_error)?;
-            PyArray1::from_vec(py, g).reshape([tasks, tasks])
+                .map_err(|e| value(format!("grads: {e}")))?;
+            let slice = ro.as_slice().map_err(|e| value(e.to_string()))?;
+            let g = detached(py, "gram", || engine::gram(slice, tasks, threads))??;
+            Ok(PyArray1::from_vec(py, g).reshape([tasks, tasks])?)
+        }
+
+        /// The T float64 `weights`, any real array-like holding exactly T values.
+        fn checked_weights(
+            py: Python<'_>,
+            weights: &Bound<'_, PyAny>,
+            tasks: usize,
+        ) -> NativeResult<Vec<f64>> {
+            let bad = |e: PyErr| {
+                value(format!(
+                    "weights must be {tasks} real numbers (shape ({tasks},)): {e}"
+                ))
+            };
+            let arr = py
+                .import("numpy")?
+                .call_method1("asarray", (weights, "float64"))
+                .map_err(bad)?;
+            let size: usize = arr.getattr("size")?.extract()?;
+            if size != tasks {
+                return Err(GradError::WeightsLength {
+                    expected: tasks,
+                    got: size,
+                }
+                .into());
+            }
+            Ok(arr
+                .call_method1("reshape", (-1,))
+                .and_then(|a| a.call_method0("tolist"))
+                .and_then(|a| a.extract())
+                .map_err(bad)?)
         }
 
         /// `sum_k weights[k] * grads[k]` of the (T, P) float32 `grads`; see `_native.pyi`.
         #[pyfunction]
-        #[pyo3(signature = (grads, weights, *, out=None, num_threads=0))]
+        #[pyo3(signature = (grads, weights, *, out=None, num_threads=None))]
         fn combine<'py>(
             py: Python<'py>,
             grads: &Bound<'py, PyAny>,
             weights: &Bound<'py, PyAny>,
             out: Option<&Bound<'py, PyAny>>,
-            num_threads: i64,
-        ) -> PyResult<Bound<'py, PyAny>> {
+            num_threads: Option<&Bound<'py, PyAny>>,
+        ) -> NativeResult<Bound<'py, PyAny>> {
             let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
             let (tasks, p) = (untyped.shape()[0], untyped.shape()[1]);
-            if tasks < 1 {
-                return Err(value_error(GradError::NoTasks));
-            }
-            let threads = checked_threads(num_threads)?;
-            let weights: Vec<f64> = py
-                .import("numpy")?
-                .call_method1("asarray", (weights, "float64"))
-                .and_then(|a| a.call_method1("reshape", (-1,)))
-                .and_then(|a| a.call_method0("tolist"))
-                .and_then(|a| a.extract())
-                .map_err(|e| {
-                    PyValueError::new_err(format!(
-                        "weights must be {tasks} real numbers (shape ({tasks},)): {e}"
-                    ))
-                })?;
-            let grads_arr = untyped.cast::<PyArray2<f32>>()?;
+            engine::check_tasks(tasks)?;
+            let threads = threads_arg(num_threads)?;
+            let weights = checked_weights(py, weights, tasks)?;
+            let grads_arr = untyped.cast::<PyArray2<f32>>().map_err(PyErr::from)?;
             let out_arr: Bound<'py, PyArray1<f32>> = match out {
                 Some(out) => {
                     let shape = format!("({p},)");
                     checked_array::<f32>(out, "out", 1, &shape, "float32")?;
-                    let out = out.cast::<PyArray1<f32>>()?.clone();
+                    let out = out.cast::<PyArray1<f32>>().map_err(PyErr::from)?.clone();
                     if out.len() != p {
-                        return Err(value_error(GradError::OutLength {
+                        return Err(GradError::OutLength {
                             expected: p,
                             got: out.len(),
-                        }));
+                        }
+                        .into());
                     }
                     if p > 0 && overlaps(&byte_range(&out), &byte_range(grads_arr)) {
-                        return Err(PyValueError::new_err("out must not overlap grads"));
+                        return Err(value("out must not overlap grads"));
                     }
                     out
                 }
@@ -382,20 +468,15 @@ mod pcgrad_binding {
             };
             let grads_ro = grads_arr
                 .try_readonly()
-                .map_err(|e| PyValueError::new_err(format!("grads: {e}")))?;
+                .map_err(|e| value(format!("grads: {e}")))?;
             let mut out_rw = out_arr
                 .try_readwrite()
-                .map_err(|e| PyValueError::new_err(format!("out: {e}")))?;
-            let grads_slice = grads_ro
-                .as_slice()
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
-            let out_slice = out_rw
-                .as_slice_mut()
-                .map_err(|e| PyValueError::new_err(e.to_string()))?;
+                .map_err(|e| value(format!("out: {e}")))?;
+            let grads_slice = grads_ro.as_slice().map_err(|e| value(e.to_string()))?;
+            let out_slice = out_rw.as_slice_mut().map_err(|e| value(e.to_string()))?;
             detached(py, "combine", || {
                 engine::combine_into(grads_slice, tasks, &weights, out_slice, threads)
-            })?
-            .map_err(value_error)?;
+            })??;
             drop(out_rw);
             Ok(out_arr.into_any())
         }
@@ -412,7 +493,7 @@ mod pcgrad_binding {
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(pcgrad, m)?)?;
         m.add_function(wrap_pyfunction!(gradient_stats, m)?)?;
-        m.add_function(wrap_pyfunction!(pcgrad_orders, m)?)?;
+        m.add("MAX_TASKS", core::MAX_TASKS)?;
         Ok(())
     }
 }
@@ -420,53 +501,40 @@ mod pcgrad_binding {
 
 // ==== WordPiece binding (owned by the tokenizer work) ====
 mod wordpiece_binding {
-    use std::panic::{catch_unwind, AssertUnwindSafe};
-    use std::path::PathBuf;
-
     use numpy::ndarray::Array2;
     use numpy::{IntoPyArray, PyArray2};
-    use pyo3::exceptions::{
-        PyFileNotFoundError, PyOSError, PyRuntimeError, PyTypeError, PyValueError,
-    };
     use pyo3::prelude::*;
     use pyo3::types::PyString;
 
-    use crate::wordpiece::{BatchOptions, Error, WordPiece};
-
-    fn to_py_err(e: Error) -> PyErr {
-        PyValueError::new_err(e.to_string())
-    }
-
-    /// Run `f`, turning a Rust panic into a Python RuntimeError.
-    fn no_panic<T>(f: impl FnOnce() -> T) -> PyResult<T> {
-        catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            PyRuntimeError::new_err(format!("internal error in the WordPiece tokenizer: {msg}"))
-        })
-    }
-
-    fn type_name(obj: &Bound<'_, PyAny>) -> String {
-        obj.get_type()
-            .name()
-            .map(|n| n.to_string())
-            .unwrap_or_else(|_| "?".into())
-    }
+    use super::{detached, int_arg, threads_arg, type_name, NativeError, NativeResult};
+    use crate::wordpiece::{BatchOptions, WordPiece};
 
     /// UTF-8 of one Python str; `what` names the argument in errors.
-    fn utf8_of(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    fn utf8_of(obj: &Bound<'_, PyAny>, what: &str) -> NativeResult<String> {
         let s = obj.cast::<PyString>().map_err(|_| {
-            PyTypeError::new_err(format!("{what} must be str, not {}", type_name(obj)))
+            NativeError::Type(format!("{what} must be str, not {}", type_name(obj)))
         })?;
         let bytes = s
             .encode_utf8()
-            .map_err(|e| PyValueError::new_err(format!("{what} is not valid Unicode text: {e}")))?;
+            .map_err(|e| NativeError::Value(format!("{what} is not valid Unicode text: {e}")))?;
         // Python's UTF-8 encoder only produces valid UTF-8.
         String::from_utf8(bytes.as_bytes().to_vec())
-            .map_err(|e| PyValueError::new_err(format!("{what} is not valid UTF-8: {e}")))
+            .map_err(|e| NativeError::Value(format!("{what} is not valid UTF-8: {e}")))
+    }
+
+    /// `max_length`: None, or an int >= 0.
+    fn length_arg(obj: Option<&Bound<'_, PyAny>>) -> NativeResult<Option<usize>> {
+        let Some(obj) = obj else { return Ok(None) };
+        let n = int_arg(obj, "max_length").map_err(|e| match e {
+            NativeError::Type(_) => NativeError::Type(format!(
+                "max_length must be an int or None, not {}",
+                type_name(obj)
+            )),
+            other => other,
+        })?;
+        usize::try_from(n)
+            .map(Some)
+            .map_err(|_| NativeError::Value(format!("max_length must be >= 0, not {n}")))
     }
 
     /// The texts of a sequence of str, copied into one UTF-8 arena.
@@ -476,14 +544,14 @@ mod wordpiece_binding {
     }
 
     impl Texts {
-        fn collect(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Self> {
+        fn collect(obj: &Bound<'_, PyAny>, what: &str) -> NativeResult<Self> {
             if obj.is_instance_of::<PyString>() {
-                return Err(PyTypeError::new_err(format!(
+                return Err(NativeError::Type(format!(
                     "{what} must be a list of str, not a single str"
                 )));
             }
             let iter = obj.try_iter().map_err(|_| {
-                PyTypeError::new_err(format!(
+                NativeError::Type(format!(
                     "{what} must be a list of str, not {}",
                     type_name(obj)
                 ))
@@ -493,20 +561,24 @@ mod wordpiece_binding {
             for (i, item) in iter.enumerate() {
                 let item = item?;
                 let s = item.cast::<PyString>().map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "{what}[{i}] must be str, not {}",
-                        type_name(&item)
-                    ))
+                    NativeError::Type(format!("{what}[{i}] must be str, not {}", type_name(&item)))
                 })?;
                 let bytes = s.encode_utf8().map_err(|e| {
-                    PyValueError::new_err(format!("{what}[{i}] is not valid Unicode text: {e}"))
+                    NativeError::Value(format!("{what}[{i}] is not valid Unicode text: {e}"))
+                })?;
+                // A list may repeat one huge str many times: grow fallibly.
+                arena.try_reserve(bytes.as_bytes().len()).map_err(|_| {
+                    NativeError::Memory(format!(
+                        "{what}: cannot copy {} more bytes of text",
+                        bytes.as_bytes().len()
+                    ))
                 })?;
                 let start = arena.len();
                 arena.extend_from_slice(bytes.as_bytes());
                 spans.push((start, arena.len()));
             }
             let arena = String::from_utf8(arena)
-                .map_err(|e| PyValueError::new_err(format!("{what} is not valid UTF-8: {e}")))?;
+                .map_err(|e| NativeError::Value(format!("{what} is not valid UTF-8: {e}")))?;
             Ok(Texts { arena, spans })
         }
 
@@ -532,53 +604,17 @@ mod wordpiece_binding {
             vocab_text: &str,
             lowercase: bool,
             strip_accents: Option<bool>,
-        ) -> PyResult<Self> {
-            let inner = py
-                .detach(|| {
-                    no_panic(|| WordPiece::from_vocab_text(vocab_text, lowercase, strip_accents))
-                })?
-                .map_err(to_py_err)?;
+        ) -> NativeResult<Self> {
+            let inner = detached(py, "_WordPiece", || {
+                WordPiece::from_vocab_text(vocab_text, lowercase, strip_accents)
+            })??;
             Ok(PyWordPiece { inner })
         }
 
-        /// Build from a vocab.txt path.
-        #[staticmethod]
-        #[pyo3(signature = (path, lowercase=true, strip_accents=None))]
-        fn from_file(
-            py: Python<'_>,
-            path: PathBuf,
-            lowercase: bool,
-            strip_accents: Option<bool>,
-        ) -> PyResult<Self> {
-            let text = std::fs::read(&path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(format!(
-                    "vocab file {:?} does not exist",
-                    path.display().to_string()
-                )),
-                _ => PyOSError::new_err(format!(
-                    "cannot read vocab file {:?}: {e}",
-                    path.display().to_string()
-                )),
-            })?;
-            let text = String::from_utf8(text).map_err(|e| {
-                PyValueError::new_err(format!(
-                    "vocab file {:?} is not UTF-8: {e}",
-                    path.display().to_string()
-                ))
-            })?;
-            Self::new(py, &text, lowercase, strip_accents)
-        }
-
         /// WordPiece tokens of `text` (no special tokens added).
-        fn tokenize(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
+        fn tokenize(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> NativeResult<Vec<String>> {
             let text = utf8_of(text, "text")?;
-            py.detach(|| no_panic(|| self.inner.tokenize(&text)))
-        }
-
-        /// Normalized, pre-tokenized words of `text` (the input of WordPiece).
-        fn words(&self, py: Python<'_>, text: &Bound<'_, PyAny>) -> PyResult<Vec<String>> {
-            let text = utf8_of(text, "text")?;
-            py.detach(|| no_panic(|| self.inner.words(&text)))
+            detached(py, "_WordPiece.tokenize", || self.inner.tokenize(&text))
         }
 
         /// Ids of `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]`.
@@ -588,31 +624,32 @@ mod wordpiece_binding {
             py: Python<'_>,
             text: &Bound<'_, PyAny>,
             pair: Option<&Bound<'_, PyAny>>,
-            max_length: Option<usize>,
+            max_length: Option<&Bound<'_, PyAny>>,
             truncation: bool,
-        ) -> PyResult<Vec<u32>> {
+        ) -> NativeResult<Vec<u32>> {
             let a = utf8_of(text, "text")?;
             let b = pair.map(|p| utf8_of(p, "pair")).transpose()?;
+            let max_length = length_arg(max_length)?;
             let ml = if truncation { max_length } else { None };
-            let (ids, _types) = py
-                .detach(|| no_panic(|| self.inner.encode(&a, b.as_deref(), ml)))?
-                .map_err(to_py_err)?;
+            let (ids, _types) = detached(py, "_WordPiece.encode", || {
+                self.inner.encode(&a, b.as_deref(), ml)
+            })??;
             Ok(ids)
         }
 
         /// (input_ids, token_type_ids, attention_mask): int64 arrays of shape (N, L).
-        #[pyo3(signature = (texts, pairs=None, max_length=None, truncation=true, pad_to_max_length=false, num_threads=0))]
+        #[pyo3(signature = (texts, pairs=None, max_length=None, truncation=true, pad_to_max_length=false, num_threads=None))]
         #[allow(clippy::too_many_arguments, clippy::type_complexity)]
         fn encode_batch<'py>(
             &self,
             py: Python<'py>,
             texts: &Bound<'py, PyAny>,
             pairs: Option<&Bound<'py, PyAny>>,
-            max_length: Option<usize>,
+            max_length: Option<&Bound<'py, PyAny>>,
             truncation: bool,
             pad_to_max_length: bool,
-            num_threads: usize,
-        ) -> PyResult<(
+            num_threads: Option<&Bound<'py, PyAny>>,
+        ) -> NativeResult<(
             Bound<'py, PyArray2<i64>>,
             Bound<'py, PyArray2<i64>>,
             Bound<'py, PyArray2<i64>>,
@@ -620,24 +657,21 @@ mod wordpiece_binding {
             let a = Texts::collect(texts, "texts")?;
             let b = pairs.map(|p| Texts::collect(p, "pairs")).transpose()?;
             let opts = BatchOptions {
-                max_length,
+                max_length: length_arg(max_length)?,
                 truncation,
                 pad_to_max_length,
             };
-            let batch = py
-                .detach(|| {
-                    no_panic(|| {
-                        let a = a.strs();
-                        let b = b.as_ref().map(|b| b.strs());
-                        self.inner.encode_batch(&a, b.as_deref(), opts, num_threads)
-                    })
-                })?
-                .map_err(to_py_err)?;
+            let threads = threads_arg(num_threads)?;
+            let batch = detached(py, "_WordPiece.encode_batch", || {
+                let a = a.strs();
+                let b = b.as_ref().map(|b| b.strs());
+                self.inner.encode_batch(&a, b.as_deref(), opts, threads)
+            })??;
             let shape = (batch.rows, batch.cols);
-            let to_np = |v: Vec<i64>| -> PyResult<Bound<'py, PyArray2<i64>>> {
+            let to_np = |v: Vec<i64>| -> NativeResult<Bound<'py, PyArray2<i64>>> {
                 // The Vec becomes the array's buffer: no copy.
                 let arr = Array2::from_shape_vec(shape, v)
-                    .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+                    .map_err(|e| NativeError::Internal(e.to_string()))?;
                 Ok(arr.into_pyarray(py))
             };
             Ok((
@@ -645,14 +679,6 @@ mod wordpiece_binding {
                 to_np(batch.token_type_ids)?,
                 to_np(batch.attention_mask)?,
             ))
-        }
-
-        /// The token of `id`, or None when out of range.
-        fn id_to_token(&self, id: i64) -> Option<String> {
-            u32::try_from(id)
-                .ok()
-                .and_then(|i| self.inner.id_to_token(i))
-                .map(str::to_string)
         }
 
         /// The id of `token`, or None when not in the vocabulary.
@@ -715,6 +741,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // ==== WordPiece registrations ====
     m.add_class::<wordpiece_binding::PyWordPiece>()?;
     // ==== end WordPiece registrations ====
+    m.add("MAX_THREADS", crate::pool::MAX_THREADS)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

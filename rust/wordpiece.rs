@@ -49,6 +49,8 @@ pub enum Error {
     MissingTokens(Vec<&'static str>),
     /// An argument is out of range (the message says which and why).
     InvalidArgument(String),
+    /// An output could not be allocated (the message says which and how big).
+    OutOfMemory(String),
 }
 
 impl std::fmt::Display for Error {
@@ -57,7 +59,7 @@ impl std::fmt::Display for Error {
             Error::MissingTokens(t) => {
                 write!(f, "vocabulary lacks required token(s) {}", t.join(", "))
             }
-            Error::InvalidArgument(m) => f.write_str(m),
+            Error::InvalidArgument(m) | Error::OutOfMemory(m) => f.write_str(m),
         }
     }
 }
@@ -697,11 +699,8 @@ impl WordPiece {
 
         // Phase 1: token ids of each row, in chunks of rows (one arena per chunk).
         let n = texts.len();
-        let threads = if threads == 0 {
-            crate::pool::default_threads()
-        } else {
-            threads
-        };
+        let threads =
+            crate::pool::checked_threads(threads, "num_threads").map_err(Error::InvalidArgument)?;
         let chunk = (n / (threads * 8).max(1)).clamp(16, 2048);
         let encode_chunk = |lo: usize, s: &mut Scratch| -> Chunk {
             let hi = (lo + chunk).min(n);
@@ -768,15 +767,38 @@ impl WordPiece {
             Some(ml) if opts.pad_to_max_length => ml.max(longest),
             _ => longest,
         };
-        let total = n
-            .checked_mul(cols)
-            .ok_or_else(|| Error::InvalidArgument("batch too large".into()))?;
+        // The width comes from the caller's max_length: check the size against the
+        // machine's memory (an allocation the OS accepts lazily could still be killed
+        // when filled), then allocate fallibly.
+        let too_big = || {
+            Error::OutOfMemory(format!(
+                "cannot allocate the batch: 3 int64 arrays of {n} x {cols} values"
+            ))
+        };
+        let total = n.checked_mul(cols).ok_or_else(too_big)?;
+        let bytes = (total as u64).saturating_mul(3 * 8);
+        if let Some(memory) = physical_memory() {
+            if bytes > memory {
+                return Err(Error::OutOfMemory(format!(
+                    "cannot allocate the batch: 3 int64 arrays of {n} x {cols} values need \
+                     {:.1} GiB, more than this machine's {:.1} GiB of memory",
+                    bytes as f64 / GIB,
+                    memory as f64 / GIB
+                )));
+            }
+        }
+        let filled = |value: i64| -> Result<Vec<i64>, Error> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(total).map_err(|_| too_big())?;
+            v.resize(total, value);
+            Ok(v)
+        };
         let mut batch = Batch {
             rows: n,
             cols,
-            input_ids: vec![self.pad as i64; total],
-            token_type_ids: vec![0; total],
-            attention_mask: vec![0; total],
+            input_ids: filled(self.pad as i64)?,
+            token_type_ids: filled(0)?,
+            attention_mask: filled(0)?,
         };
         if cols == 0 {
             return Ok(batch);
@@ -835,6 +857,16 @@ impl WordPiece {
         }
         Ok(batch)
     }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Total physical memory in bytes, where the OS says (Linux: /proc/meminfo).
+fn physical_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The rows of one chunk: ids of both segments back to back, and per row
@@ -1204,5 +1236,50 @@ mod tests {
                 2
             )
             .is_err());
+    }
+
+    #[test]
+    fn callers_numbers_give_errors_not_aborts() {
+        let w = wp();
+        let opts = |max_length, pad| BatchOptions {
+            max_length: Some(max_length),
+            truncation: true,
+            pad_to_max_length: pad,
+        };
+        // Padding one row to 2^40 ids (8 TiB per array), more than the machine's memory
+        // (which the OS might accept lazily), or an overflowing n x cols.
+        let beyond_memory = physical_memory().map_or(1 << 40, |m| (m / 16) as usize);
+        for ml in [1usize << 40, beyond_memory, usize::MAX] {
+            let err = w
+                .encode_batch(&["hello"], None, opts(ml, true), 1)
+                .unwrap_err();
+            assert!(matches!(err, Error::OutOfMemory(_)), "{err:?}");
+            assert!(err.to_string().contains("cannot allocate"), "{err}");
+        }
+        let rows = vec!["hello"; 3];
+        let err = w
+            .encode_batch(&rows, None, opts(usize::MAX / 2, true), 1)
+            .unwrap_err();
+        assert!(matches!(err, Error::OutOfMemory(_)), "{err:?}");
+        // A huge max_length without padding only bounds truncation: fine.
+        let b = w
+            .encode_batch(&["hello"], None, opts(usize::MAX, false), 1)
+            .unwrap();
+        assert_eq!((b.rows, b.cols), (1, 3));
+        assert_eq!(
+            w.encode("hello", None, Some(usize::MAX)).unwrap().0.len(),
+            3
+        );
+        // Thread counts are bounded.
+        let err = w
+            .encode_batch(&["hello"], None, opts(8, false), 100_000)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("num_threads must be at most"),
+            "{err}"
+        );
+        assert!(w
+            .encode_batch(&["hello"], None, opts(8, false), crate::pool::MAX_THREADS)
+            .is_ok());
     }
 }

@@ -97,7 +97,9 @@ def test_orders_from_seed_match_native_and_are_permutations():
     for T in range(1, 9):
         for seed in (0, 1, 12345, 2**64 - 1):
             ours = random_orders(T, seed)
-            np.testing.assert_array_equal(ours, _native.pcgrad_orders(T, seed))
+            # The native core draws the same orders for the same seed (bitwise-equal result).
+            g = make_grads("random", T, 257, seed % 1000)
+            np.testing.assert_array_equal(_native.pcgrad(g, seed=seed), _native.pcgrad(g, order=ours))
             for row in ours:
                 assert sorted(row.tolist()) == list(range(T))
     # Pinned (rust/pcgrad.rs pins the same rows).
@@ -168,12 +170,18 @@ def test_known_projection():
     np.testing.assert_allclose(pcgrad_torch(torch.from_numpy(g), order=order, eps=0.0), [0.25, 0.75])
 
 
-def test_explicit_orders_with_self_and_repeats():
+def test_explicit_orders_with_self_anywhere():
     g = make_grads("random", 4, 5000, 3)
-    order = np.array([[0, 0, 0, 0], [3, 1, 2, 0], [2, 2, 2, 2], [1, 1, 3, 0]], dtype=np.int32)
+    order = np.array([[0, 1, 2, 3], [3, 1, 2, 0], [2, 0, 3, 1], [1, 0, 3, 2]], dtype=np.int32)
     want = oracle(g, order)
     assert rel_err(_native.pcgrad(g, order=order), want) <= TOL
     assert rel_err(pcgrad_torch(torch.from_numpy(g), order=torch.from_numpy(order)), want) <= TOL
+    # Rows that repeat a task (so skip another) are refused by both paths.
+    repeats = np.array([[0, 0, 0, 0], [3, 1, 2, 0], [2, 2, 2, 2], [1, 1, 3, 0]], dtype=np.int32)
+    with pytest.raises(ValueError, match="order row 0 is not a permutation"):
+        _native.pcgrad(g, order=repeats)
+    with pytest.raises(ValueError, match="order row 0 is not a permutation"):
+        pcgrad_torch(torch.from_numpy(g), order=repeats)
     # Orders change the result when there are conflicts.
     a = _native.pcgrad(g, order=random_orders(4, 0))
     b = _native.pcgrad(g, order=random_orders(4, 1))
@@ -238,7 +246,8 @@ def test_hypothesis_matches_naive(data, T, P, reduction):
 @settings(max_examples=50, deadline=None)
 @given(T=st.integers(1, 8), seed=st.integers(0, 2**64 - 1))
 def test_hypothesis_orders_agree(T, seed):
-    np.testing.assert_array_equal(random_orders(T, seed), _native.pcgrad_orders(T, seed))
+    g = make_grads("random", T, 65, seed % 997)
+    np.testing.assert_array_equal(_native.pcgrad(g, seed=seed), _native.pcgrad(g, order=random_orders(T, seed)))
 
 
 # --------------------------------------------------------------------------------------
@@ -293,6 +302,10 @@ def test_non_finite_raises_with_location(value):
         (dict(order=[[0, 1, 3], [0, 1, 2], [0, 1, 2]]), r"order\[0, 2\] = 3"),
         (dict(order=[[0, 1, 2], [0, -1, 2], [0, 1, 2]]), r"order\[1, 1\] = -1"),
         (dict(order=np.zeros((3, 3), np.float32)), "integer"),
+        (dict(order=[[0, 1, 2], [1, 1, 2], [0, 1, 2]]), r"order row 1 is not a permutation .* task 1 appears"),
+        (dict(order=np.zeros((3, 3), np.int64)), "not a permutation"),
+        (dict(order=np.full((3, 3), 2**64 - 1, np.uint64)), "not a task index"),
+        (dict(num_threads=10**5), "num_threads must be at most 1024"),
         (dict(reduction="avg"), "unknown reduction"),
         (dict(eps=-1.0), "eps"),
         (dict(eps=float("nan")), "eps"),
@@ -329,6 +342,10 @@ def test_torch_path_argument_checks():
         pcgrad_torch(t, order=[[0, 1], [1, 0]])
     with pytest.raises(ValueError, match="2 dimensions"):
         pcgrad_torch(t[0])
+    with pytest.raises(ValueError, match=r"order row 2 is not a permutation .* task 0 appears"):
+        pcgrad_torch(t, order=[[0, 1, 2], [2, 1, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match="at most 512"):
+        pcgrad_torch(torch.zeros(513, 2, dtype=torch.float64))
 
 
 def test_out_and_gram_out_are_written_in_place():

@@ -93,8 +93,41 @@ def _lower(c: str) -> str:
     return _LOWER_PATCH.get(c) or c.lower()
 
 
+def _check_text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be str, not {type(value).__name__}")
+    return value
+
+
+def _check_texts(values, what: str) -> list[str]:
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{what} must be a list of str, not a single {type(values).__name__}")
+    try:
+        values = list(values)
+    except TypeError:
+        raise TypeError(f"{what} must be a list of str, not {type(values).__name__}") from None
+    for i, v in enumerate(values):
+        if not isinstance(v, str):
+            raise TypeError(f"{what}[{i}] must be str, not {type(v).__name__}")
+    return values
+
+
+def _check_max_length(max_length, is_pair: bool, truncation: bool) -> None:
+    if max_length is None:
+        return
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise TypeError(f"max_length must be an int or None, not {type(max_length).__name__}")
+    if max_length < 0:
+        raise ValueError(f"max_length must be >= 0, not {max_length}")
+    need = 3 if is_pair else 2
+    if max_length < need and truncation:
+        kind = "pair" if is_pair else "single sentence"
+        raise ValueError(f"max_length={max_length} leaves no room for the {need} special tokens of a {kind}")
+
+
 class PyWordPiece:
-    """Same constructor arguments and methods as the native `_WordPiece`."""
+    """Same constructor arguments and methods as the native `_WordPiece`, and the same
+    argument checks (types and ranges) with the same exceptions."""
 
     def __init__(self, vocab_text: str, lowercase: bool = True, strip_accents: Optional[bool] = None):
         # One token per line (split on \n only, unlike str.splitlines), trailing
@@ -116,11 +149,6 @@ class PyWordPiece:
         self.sep_id = self._vocab["[SEP]"]
         self.pad_id = self._vocab["[PAD]"]
         self.mask_id = self._vocab.get("[MASK]")
-
-    @staticmethod
-    def from_file(path, lowercase: bool = True, strip_accents: Optional[bool] = None) -> "PyWordPiece":
-        with open(path, encoding="utf-8", newline="") as f:
-            return PyWordPiece(f.read(), lowercase, strip_accents)
 
     @property
     def vocab_size(self) -> int:
@@ -189,10 +217,14 @@ class PyWordPiece:
         return [i for w in self.words(text) for i in self._word_ids(w)]
 
     def tokenize(self, text: str) -> list[str]:
-        return [self._tokens[i] for i in self._text_ids(text)]
+        return [self._tokens[i] for i in self._text_ids(_check_text(text, "text"))]
 
     def encode(self, text: str, pair: Optional[str] = None, max_length: Optional[int] = None,
                truncation: bool = True) -> list[int]:
+        _check_text(text, "text")
+        if pair is not None:
+            _check_text(pair, "pair")
+        _check_max_length(max_length, pair is not None, truncation)
         ids, _ = self._encode_row(text, pair, max_length if truncation else None)
         return ids
 
@@ -213,6 +245,12 @@ class PyWordPiece:
                      max_length: Optional[int] = None, truncation: bool = True,
                      pad_to_max_length: bool = False, num_threads: int = 0):
         del num_threads  # one thread: this is the slow path
+        texts = _check_texts(texts, "texts")
+        if pairs is not None:
+            pairs = _check_texts(pairs, "pairs")
+        _check_max_length(max_length, pairs is not None, truncation)
+        if pad_to_max_length and max_length is None:
+            raise ValueError("padding to max_length needs a max_length")
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"texts and pairs differ in length ({len(texts)} and {len(pairs)})")
         limit = max_length if truncation else None
@@ -229,9 +267,6 @@ class PyWordPiece:
             token_type_ids[r, : len(ids)] = types
             attention_mask[r, : len(ids)] = 1
         return input_ids, token_type_ids, attention_mask
-
-    def id_to_token(self, i: int) -> Optional[str]:
-        return self._tokens[i] if 0 <= i < len(self._tokens) else None
 
     def token_to_id(self, token: str) -> Optional[int]:
         return self._vocab.get(token)

@@ -42,9 +42,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    for f in folder.rglob("*"):  # subfolders too (an export has 1_Pooling/, mtbert_heads/)
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def write_folder_atomically(final: Path, fill: Callable[[Path], None]) -> None:

@@ -1,4 +1,4 @@
-"""Command-line entry points: mtbert-train, mtbert-eval, mtbert-predict, mtbert-ablate."""
+"""Command-line entry points: mtbert-train, mtbert-eval, mtbert-predict, mtbert-ablate, mtbert-export."""
 
 from __future__ import annotations
 
@@ -329,3 +329,27 @@ def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, preset, config_fil
     except (DataDirError, DataFormatError, ModelFolderError, ValueError) as exc:
         _fail(exc)
     click.echo(f"wrote {Path(base.out) / 'ablation.md'} and ablation.png ({len(rows)} configurations)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A checkpoint folder (a run's best/ or last/), or a run's --out folder "
+                   "(its best/, or last/ when it has no best/ yet).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder to write: a transformers and sentence-transformers model, heads in mtbert_heads/.")
+@click.option("--force", is_flag=True, help="Replace --out when it is not empty.")
+def export_cmd(checkpoint, out, force):
+    """Export a checkpoint's encoder for transformers and sentence-transformers, heads beside it."""
+    from .checkpoint import CheckpointError
+    from .export import export_checkpoint
+
+    try:
+        result = export_checkpoint(checkpoint, out, force=force)
+    except (CheckpointError, ValueError) as exc:
+        _fail(exc)
+    click.echo(f"exported {result.source} ({result.source_kind}) to {result.out}")
+    st = (f"sentence-transformers with {result.pooling} pooling"
+          if result.sentence_transformers else "no sentence-transformers files")
+    click.echo(f"transformers BertModel; {st}; task heads in {result.out / 'mtbert_heads'}")
+    for note in result.notes:
+        click.echo(f"warning: {note}", err=True)

@@ -16,8 +16,9 @@ Three implementations of the same result:
 ``.numpy()``) and torch otherwise. :class:`PCGrad` is the training wrapper.
 
 Orders: row i of a (T, T) integer array is the order in which task i is projected onto
-the tasks (entries in [0, T); i itself may appear, and is then a no-op unless the running
-g_i has turned against its own original). Drawn from an integer ``seed``, row i is a
+the tasks: a permutation of 0..T-1 (i itself is in it, a no-op unless the running g_i has
+turned against its own original). At most ``_native.MAX_TASKS`` (512) tasks: the T x T
+algebra grows as T^3. Drawn from an integer ``seed``, row i is a
 Fisher-Yates shuffle of 0..T-1 driven by one splitmix64 stream (:func:`random_orders`);
 the Rust core draws exactly the same rows, so native and torch agree for the same seed.
 """
@@ -61,7 +62,8 @@ _GRAM_CHUNK_F64 = 1 << 20
 
 
 def random_orders(num_tasks: int, seed: int) -> np.ndarray:
-    """(T, T) int64 orders drawn from ``seed``, identical to ``_native.pcgrad_orders``.
+    """(T, T) int64 orders drawn from ``seed``: the orders ``_native.pcgrad(..., seed=seed)``
+    draws (rust/pcgrad.rs ``random_orders``; the tests check both give the same result).
 
     One splitmix64 stream; for each row in turn, a Fisher-Yates shuffle of 0..T-1: for k
     from T-1 down to 1, swap positions k and ``(x * (k + 1)) >> 64`` (x the next output).
@@ -103,7 +105,15 @@ def _resolve_orders(num_tasks: int, order: Optional[ArrayLike], seed: Optional[i
     if len(bad):
         r, c = bad[0]
         raise ValueError(f"order[{r}, {c}] = {arr[r, c]} is not a task index in [0, {num_tasks})")
-    return arr.astype(np.int64)
+    arr = arr.astype(np.int64)
+    rows = np.sort(arr, axis=1)
+    repeats = np.argwhere(rows[:, 1:] == rows[:, :-1])
+    if len(repeats):
+        r, c = repeats[0]
+        raise ValueError(
+            f"order row {r} is not a permutation of 0..{num_tasks}: task {rows[r, c]} appears more than once"
+        )
+    return arr
 
 
 # --------------------------------------------------------------------------------------
@@ -155,6 +165,11 @@ def _check_grads_tensor(grads: Tensor) -> None:
         raise ValueError(f"grads must have a floating dtype, got {grads.dtype}")
     if grads.shape[0] < 1:
         raise ValueError("grads must have at least one task (T >= 1)")
+    if grads.shape[0] > _native.MAX_TASKS:
+        raise ValueError(
+            f"grads has {grads.shape[0]} tasks; at most {_native.MAX_TASKS} are supported "
+            "(the T x T algebra grows as T^3)"
+        )
 
 
 def _gram_torch(grads: Tensor) -> np.ndarray:
@@ -291,8 +306,7 @@ def pcgrad(
             grads, order=order, seed=seed, reduction=reduction, eps=eps, out=out,
             num_threads=num_threads,
         )
-    _check_grads_tensor(grads)
-    if _native_ok(grads, out):
+    if isinstance(grads, Tensor) and _native_ok(grads, out):  # the native core checks the arguments
         if isinstance(order, Tensor):
             order = order.detach().cpu().numpy()
         result = _native.pcgrad(
@@ -337,10 +351,10 @@ def gradient_conflicts(grads: Union[Tensor, np.ndarray], *, num_threads: int = 0
     if isinstance(grads, np.ndarray):
         gram, _ = _native.gradient_stats(grads, num_threads=num_threads)
         return ConflictStats.from_gram(gram)
-    _check_grads_tensor(grads)
-    if _native_ok(grads, None):
+    if isinstance(grads, Tensor) and _native_ok(grads, None):  # the native core checks the arguments
         gram, _ = _native.gradient_stats(grads.detach().numpy(), num_threads=num_threads)
     else:
+        _check_grads_tensor(grads)
         gram = _gram_torch(grads.detach())
     return ConflictStats.from_gram(gram)
 

@@ -1,8 +1,10 @@
 """The BERT WordPiece tokenizer: ids identical to the standard BERT fast tokenizer.
 
-`WordPieceTokenizer` owns the user-facing API (defaults, input checks, clear
-errors); the work runs in the Rust core (`mtbert._native._WordPiece`), batch
-encoding in parallel with the GIL released. `backend="python"` runs the same
+`WordPieceTokenizer` owns the user-facing API (defaults, its own options such as
+padding and num_threads); the work runs in the Rust core (`mtbert._native._WordPiece`),
+batch encoding in parallel with the GIL released. Texts and max_length are checked
+once, by the backend (the Rust binding, or `_wordpiece_py` for backend="python"),
+with the same exceptions and messages. `backend="python"` runs the same
 algorithm in plain Python (`mtbert._wordpiece_py`): slow, for tests and as a
 readable reference.
 
@@ -40,32 +42,14 @@ class BatchEncoding(NamedTuple):
     attention_mask: np.ndarray  # (N, L): 1 on real tokens, 0 on padding
 
 
-def _check_text(value, what: str) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"{what} must be str, not {type(value).__name__}")
-    return value
-
-
-def _check_texts(values, what: str, check_items: bool) -> Sequence[str]:
-    if isinstance(values, (str, bytes)):
-        raise TypeError(f"{what} must be a list of str, not a single {type(values).__name__}")
-    if not isinstance(values, (list, tuple)):
-        try:
-            values = list(values)
-        except TypeError:
-            raise TypeError(f"{what} must be a list of str, not {type(values).__name__}") from None
-    if check_items:  # the native core checks items itself, with the same message
-        for i, v in enumerate(values):
-            if not isinstance(v, str):
-                raise TypeError(f"{what}[{i}] must be str, not {type(v).__name__}")
-    return values
-
-
 def _check_threads(num_threads: Optional[int]) -> Optional[int]:
+    """The attribute's own check when it is set (the native core bounds the count too)."""
+    from mtbert._native import MAX_THREADS
+
     if num_threads is None:
         return None
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise ValueError(f"num_threads must be a positive int or None (all cores), not {num_threads!r}")
+    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or not 1 <= num_threads <= MAX_THREADS:
+        raise ValueError(f"num_threads must be an int in [1, {MAX_THREADS}] or None (all cores), not {num_threads!r}")
     return num_threads
 
 
@@ -230,7 +214,7 @@ class WordPieceTokenizer:
     # -- encoding -----------------------------------------------------------
     def tokenize(self, text: str) -> list[str]:
         """WordPiece tokens of `text`, without [CLS]/[SEP]."""
-        return self._impl.tokenize(_check_text(text, "text"))
+        return self._impl.tokenize(text)
 
     def encode(
         self,
@@ -243,12 +227,9 @@ class WordPieceTokenizer:
         """Ids of `[CLS] text [SEP]` or `[CLS] text [SEP] pair [SEP]`.
 
         With max_length and truncation, the row is cut to max_length ids,
-        longest segment first (as the reference does).
+        longest segment first (as the reference does). Argument types and
+        ranges are checked by the backend (TypeError / ValueError).
         """
-        _check_text(text, "text")
-        if pair is not None:
-            _check_text(pair, "pair")
-        self._check_max_length(max_length, pair is not None, truncation)
         return list(self._impl.encode(text, pair, max_length, truncation))
 
     def encode_batch(
@@ -268,37 +249,19 @@ class WordPieceTokenizer:
             the longest row when truncation=False lets one exceed it);
             "longest" pads to the longest row of the batch. Default: "max_length"
             when max_length is given, else "longest".
+            Texts, pairs and max_length are checked by the backend (TypeError /
+            ValueError; MemoryError when the padded batch cannot be allocated).
         """
-        check_items = self._backend != "native"
-        texts = _check_texts(texts, "texts", check_items)
-        if pairs is not None:
-            pairs = _check_texts(pairs, "pairs", check_items)
-            if len(pairs) != len(texts):
-                raise ValueError(f"texts and pairs differ in length ({len(texts)} and {len(pairs)})")
         if padding is None:
             padding = "max_length" if max_length is not None else "longest"
         if padding not in PADDING:
             raise ValueError(f"padding must be one of {PADDING} or None, not {padding!r}")
         if padding == "max_length" and max_length is None:
             raise ValueError('padding="max_length" needs a max_length')
-        self._check_max_length(max_length, pairs is not None, truncation)
         ids, types, mask = self._impl.encode_batch(
             texts, pairs, max_length, truncation, padding == "max_length", self._num_threads or 0
         )
         return BatchEncoding(ids, types, mask)
-
-    @staticmethod
-    def _check_max_length(max_length: Optional[int], is_pair: bool, truncation: bool) -> None:
-        if max_length is None:
-            return
-        if isinstance(max_length, bool) or not isinstance(max_length, int):
-            raise TypeError(f"max_length must be an int or None, not {type(max_length).__name__}")
-        need = 3 if is_pair else 2
-        if max_length < need and truncation:
-            kind = "a pair" if is_pair else "a single sentence"
-            raise ValueError(f"max_length={max_length} leaves no room for the {need} special tokens of {kind}")
-        if max_length < 0:
-            raise ValueError(f"max_length must be >= 0, not {max_length}")
 
     # -- ids back to text ---------------------------------------------------
     def _all_tokens(self) -> list[str]:

@@ -1,0 +1,188 @@
+"""scripts/study_report.py on a tiny fabricated study: 2 grid rows x 2 seeds.
+
+The numbers it writes (paired per-seed differences, the paired bootstrap interval over dev
+examples, mean +- std) are checked against a direct, loop-by-loop computation.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import pearsonr
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = (1, 2)
+N = {"sst": 60, "para": 50, "sts": 40}
+
+
+@pytest.fixture(scope="module")
+def report_module():
+    spec = importlib.util.spec_from_file_location("study_report", ROOT / "scripts" / "study_report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["study_report"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
+    lines = ["\t".join([""] + header)] + ["\t".join([str(k)] + [str(c) for c in r]) for k, r in enumerate(rows)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def make_data(folder: Path, rng) -> dict:
+    """Dev files of the three tasks; returns ids and gold labels in file order."""
+    folder.mkdir()
+    ids = {t: [f"{t}{k:03d}x" for k in range(n)] for t, n in N.items()}
+    gold = {"sst": rng.integers(0, 5, N["sst"]), "para": rng.integers(0, 2, N["para"]),
+            "sts": np.round(rng.uniform(0, 5, N["sts"]), 1)}
+    write_tsv(folder / "ids-sst-dev.csv", ["id", "sentence", "sentiment"],
+              [[i, f"sentence {i}", g] for i, g in zip(ids["sst"], gold["sst"])])
+    write_tsv(folder / "quora-dev.csv", ["id", "sentence1", "sentence2", "is_duplicate"],
+              [[i, "a", "b", f"{float(g)}"] for i, g in zip(ids["para"], gold["para"])])
+    write_tsv(folder / "sts-dev.csv", ["id", "sentence1", "sentence2", "similarity"],
+              [[i, "a", "b", g] for i, g in zip(ids["sts"], gold["sts"])])
+    return {"ids": ids, "gold": gold}
+
+
+def fake_predictions(gold: dict, rng, sst_correct: float) -> dict:
+    """Predictions with a chosen SST accuracy; para and STS noisy copies of the gold."""
+    sst = gold["sst"].copy()
+    wrong = rng.random(len(sst)) > sst_correct
+    sst[wrong] = (sst[wrong] + 1 + rng.integers(0, 4, wrong.sum())) % 5
+    para = np.where(rng.random(len(gold["para"])) < 0.75, gold["para"], 1 - gold["para"])
+    sts = np.round(gold["sts"] + rng.normal(0, 1.0, len(gold["sts"])), 4)
+    return {"sst": sst, "para": para, "sts": sts}
+
+
+def score(task: str, gold, pred) -> float:
+    return float(pearsonr(gold, pred)[0]) if task == "sts" else float(np.mean(np.asarray(gold) == np.asarray(pred)))
+
+
+def write_run(folder: Path, data: dict, preds: dict, pcgrad: bool, rng) -> dict:
+    folder.mkdir(parents=True)
+    column = {"sst": "Predicted_Sentiment", "para": "Predicted_Is_Paraphrase", "sts": "Predicted_Similarity"}
+    for task, pred in preds.items():
+        with open(folder / f"{task}-dev-output.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", column[task]])
+            for i, p in reversed(list(zip(data["ids"][task], pred))):  # not in gold order: aligned by id
+                w.writerow([i, p])
+    dev = {t: {"pearson" if t == "sts" else "accuracy": score(t, data["gold"][t], preds[t])} for t in preds}
+    train = {t: {"pearson" if t == "sts" else "accuracy": float(rng.uniform(0.5, 0.9))} for t in preds}
+    (folder / "summary.json").write_text(json.dumps({"best_step": 20, "dev": dev, "train": train, "overall": 0.5}))
+    (folder / "wall_time.json").write_text(json.dumps({"seconds": 12.5}))
+    with open(folder / "metrics.jsonl", "w", encoding="utf-8") as f:
+        for step in range(1, 21):
+            rec = {"type": "train", "step": step, "loss": {"sst": 1.0}} if step % 10 == 0 else None
+            if pcgrad:
+                c = rng.uniform(-0.2, 0.2, 3)
+                cos = [[1.0, c[0], c[1]], [c[0], 1.0, c[2]], [c[1], c[2], 1.0]]
+                if rec is not None:
+                    rec["pcgrad"] = {"cosine": cos, "conflicts": int((c < 0).sum())}
+                else:
+                    rec = {"type": "pcgrad", "step": step, "cosine": cos, "conflicts": int((c < 0).sum())}
+            if rec is not None:
+                f.write(json.dumps(rec) + "\n")
+    return {"dev": dev, "train": train}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, report_module):
+    tmp = tmp_path_factory.mktemp("study")
+    rng = np.random.default_rng(7)
+    data = make_data(tmp / "data", rng)
+    runs, preds, summaries = tmp / "runs", {}, {}
+    for config, slug, pcgrad, sst_correct in (("sum of losses", "sum-of-losses", False, 0.3),
+                                             ("PCGrad", "pcgrad", True, 0.9)):
+        for seed in SEEDS:
+            preds[config, seed] = fake_predictions(data["gold"], rng, sst_correct)
+            summaries[config, seed] = write_run(runs / "grid" / "runs" / f"{slug}-seed{seed}", data,
+                                                preds[config, seed], pcgrad, rng)
+    out = tmp / "out"
+    report_module.main(["--runs", str(runs), "--data-dir", str(tmp / "data"), "--out", str(out)])
+    return {"data": data, "preds": preds, "summaries": summaries, "out": out, "tmp": tmp}
+
+
+def comparison_row(out: Path, a: str, b: str, task: str) -> list[str]:
+    for line in (out / "comparisons.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:3] == [a, b, task]:
+            return cells
+    raise AssertionError(f"no comparison row {a} vs {b} on {task}")
+
+
+def direct_bootstrap(task: str, gold, preds_a, preds_b, n_boot: int, seed: int) -> tuple[float, float]:
+    """The documented procedure, one resample at a time, with scipy's Pearson r."""
+    gold = np.asarray(gold, dtype=np.float64)
+    idx_all = np.random.default_rng(seed).integers(0, len(gold), size=(n_boot, len(gold)))
+    diffs = []
+    for idx in idx_all:
+        per_seed = [score(task, gold[idx], np.asarray(a, dtype=np.float64)[idx])
+                    - score(task, gold[idx], np.asarray(b, dtype=np.float64)[idx]) for a, b in zip(preds_a, preds_b)]
+        diffs.append(np.mean(per_seed))
+    return tuple(np.percentile(diffs, [2.5, 97.5]))
+
+
+@pytest.mark.parametrize("task", ["sst", "para", "sts"])
+def test_paired_and_bootstrap_numbers_match_a_direct_computation(study, report_module, task):
+    cells = comparison_row(study["out"], "PCGrad", "sum of losses", task)
+    per_seed = [study["summaries"]["PCGrad", s]["dev"][task] for s in SEEDS]
+    base = [study["summaries"]["sum of losses", s]["dev"][task] for s in SEEDS]
+    key = "pearson" if task == "sts" else "accuracy"
+    diffs = [a[key] - b[key] for a, b in zip(per_seed, base)]
+    assert cells[3] == "2"
+    mean_cell = re.match(r"([+-]\d\.\d+) \((.*)\)", cells[4])
+    assert float(mean_cell.group(1)) == pytest.approx(np.mean(diffs), abs=6e-5)
+    assert [float(x) for x in mean_cell.group(2).split(",")] == pytest.approx(diffs, abs=6e-4)
+    lo, hi = direct_bootstrap(task, study["data"]["gold"][task],
+                              [study["preds"]["PCGrad", s][task] for s in SEEDS],
+                              [study["preds"]["sum of losses", s][task] for s in SEEDS],
+                              report_module.N_BOOT, report_module.BOOT_SEED)
+    got = [float(x) for x in re.findall(r"[+-]\d\.\d+", cells[6])]
+    assert got == pytest.approx([lo, hi], abs=6e-5)
+    expected = "no detectable difference" if lo <= 0 <= hi else ("higher (PCGrad)" if lo > 0 else "lower (PCGrad)")
+    assert cells[7] == expected
+
+
+def test_a_large_gain_is_called_one_and_the_grid_shows_mean_and_std(study):
+    # SST accuracy 0.9 against 0.3 on 60 examples: far outside any resampling noise.
+    assert comparison_row(study["out"], "PCGrad", "sum of losses", "sst")[7] == "higher (PCGrad)"
+    row = next(line for line in (study["out"] / "grid.md").read_text().splitlines()
+               if line.startswith("| PCGrad |"))
+    vals = [study["summaries"]["PCGrad", s]["dev"]["sst"]["accuracy"] for s in SEEDS]
+    assert f"{np.mean(vals):.3f} +- {np.std(vals, ddof=1):.3f}" in row.split("|")[3]
+
+
+def test_compact_copy_holds_aligned_predictions_and_telemetry(study):
+    out = study["out"]
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert sorted((r["config"], r["seed"]) for r in runs) == sorted(study["summaries"])
+    with np.load(out / "dev_predictions.npz") as npz:
+        got = npz["grid/pcgrad-seed2|sst"]
+        sts = npz["grid/pcgrad-seed2|sts"]
+    np.testing.assert_array_equal(got, study["preds"]["PCGrad", 2]["sst"])  # written reversed, read by id
+    np.testing.assert_allclose(sts, study["preds"]["PCGrad", 2]["sts"], atol=1e-4)
+    conflicts = json.loads((out / "conflicts.json").read_text())
+    assert set(conflicts) == {"grid/pcgrad-seed1", "grid/pcgrad-seed2"}  # the sum runs have no telemetry
+    assert conflicts["grid/pcgrad-seed1"]["bin_end_step"] == [10, 20]
+    for name in ("grid.md", "comparisons.md", "README.md", "grid.png", "conflicts.png"):
+        assert (out / name).stat().st_size > 0
+    assert "Missing" not in (out / "README.md").read_text()  # every config has both seeds
+
+
+def test_report_regenerates_from_the_copy_alone_and_checks_the_data(study, report_module, tmp_path):
+    before = (study["out"] / "comparisons.md").read_text()
+    report_module.main(["--data-dir", str(study["tmp"] / "data"), "--out", str(study["out"])])
+    assert (study["out"] / "comparisons.md").read_text() == before
+    other = tmp_path / "data"
+    make_data(other, np.random.default_rng(1))
+    (other / "sts-dev.csv").write_text((other / "sts-dev.csv").read_text().replace("sts000x", "sts999x"))
+    with pytest.raises(ValueError, match="sts dev ids"):
+        report_module.main(["--data-dir", str(other), "--out", str(study["out"])])
