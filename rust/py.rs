@@ -412,10 +412,16 @@ mod pcgrad_binding {
                     "weights must be {tasks} real numbers (shape ({tasks},)): {e}"
                 ))
             };
-            let arr = py
-                .import("numpy")?
-                .call_method1("asarray", (weights, "float64"))
-                .map_err(bad)?;
+            let np = py.import("numpy")?;
+            let arr = np.call_method1("asarray", (weights,)).map_err(bad)?;
+            // A cast to float64 would drop the imaginary part with only a warning.
+            if arr.getattr("dtype")?.getattr("kind")?.extract::<String>()? == "c" {
+                return Err(value(format!(
+                    "weights must be {tasks} real numbers, got dtype {}",
+                    arr.getattr("dtype")?
+                )));
+            }
+            let arr = np.call_method1("asarray", (arr, "float64")).map_err(bad)?;
             let size: usize = arr.getattr("size")?.extract()?;
             if size != tasks {
                 return Err(GradError::WeightsLength {

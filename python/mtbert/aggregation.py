@@ -41,7 +41,14 @@ import torch
 from torch import Tensor
 
 from . import _native
-from .pcgrad import ConflictStats, _check_grads_tensor, _combination_weights, _gram_torch, _trainable
+from .pcgrad import (
+    ConflictStats,
+    _check_grads_tensor,
+    _combination_weights,
+    _gram_torch,
+    _resolve_orders,
+    _trainable,
+)
 
 __all__ = [
     "METHODS",
@@ -110,7 +117,10 @@ def gram(grads: Union[Tensor, np.ndarray], *, num_threads: int = 0) -> np.ndarra
 
 
 def _check_weights(weights, num_tasks: int) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    w = np.asarray(weights)
+    if w.dtype.kind == "c":  # a cast would drop the imaginary part with only a warning
+        raise ValueError(f"weights must be {num_tasks} real numbers, got dtype {w.dtype}")
+    w = np.asarray(w, dtype=np.float64).reshape(-1)
     if w.shape != (num_tasks,):
         raise ValueError(f"weights must have shape ({num_tasks},), got {w.size} values")
     bad = np.flatnonzero(~np.isfinite(w))
@@ -277,6 +287,11 @@ class _OrderedMethod(Method):
     def draw_orders(self, T: int) -> np.ndarray:
         return np.stack([self._rng.permutation(T) for _ in range(T)]).astype(np.int64)
 
+    def orders(self, T: int, order=None) -> np.ndarray:
+        """The explicit ``order`` (checked as :mod:`mtbert.pcgrad` checks it: each row a
+        permutation of 0..T-1), else fresh rows from this object's generator."""
+        return self.draw_orders(T) if order is None else _resolve_orders(T, order, None)
+
     def state_dict(self) -> dict:
         return {"rng": self._rng.bit_generator.state}
 
@@ -316,7 +331,7 @@ class PCGradMethod(_OrderedMethod):
             raise ValueError(f"eps must be finite and >= 0, got {self.eps}")
 
     def weights(self, G, order: Optional[np.ndarray] = None):
-        order = self.draw_orders(G.shape[0]) if order is None else np.asarray(order, dtype=np.int64)
+        order = self.orders(G.shape[0], order)
         return _combination_weights(G, order, self.options["reduction"], self.eps)
 
 
@@ -388,7 +403,7 @@ class GradVac(_OrderedMethod):
         T, beta = G.shape[0], float(self.options["beta"])
         if self.targets is None or self.targets.shape != (T, T):
             self.targets = np.zeros((T, T))
-        order = self.draw_orders(T) if order is None else np.asarray(order, dtype=np.int64)
+        order = self.orders(T, order)
         norms = _norms(G)
         C = np.eye(T)  # row i: the coefficients of the corrected g_i
         for i in range(T):
