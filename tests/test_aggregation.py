@@ -506,6 +506,17 @@ def test_wrapper_sets_the_aggregated_gradient(method):
     assert "weights" in stats.to_log()
 
 
+def test_weighted_loss_is_for_loss_weighting_methods():
+    shared, heads, losses = tiny_problem()
+    params = [list(h.parameters()) for h in heads]
+    ls = losses()
+    total, stats = agg.MultiTaskBackward(list(shared.parameters()), params, "rlw").weighted_loss(ls)
+    w = stats.weights.numpy()
+    assert torch.allclose(total, sum(float(wi) * l for wi, l in zip(w, ls)))
+    with pytest.raises(ValueError, match="mgda combines per-task gradients"):
+        agg.MultiTaskBackward(list(shared.parameters()), params, "mgda").weighted_loss(ls)
+
+
 def test_uw_trains_its_log_variances():
     shared, heads, losses = tiny_problem()
     mtb = agg.MultiTaskBackward(list(shared.parameters()), [list(h.parameters()) for h in heads], "uw")

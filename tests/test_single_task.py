@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -55,3 +56,37 @@ def test_unknown_task_lists_valid_ones(data_dir):
     r = CliRunner().invoke(train_cmd, ["--tasks", "sst,imdb", "--data-dir", str(data_dir)])
     assert r.exit_code != 0
     assert "unknown task 'imdb'; valid tasks: sst, para, sts, cfimdb" in r.output
+
+
+def test_frozen_run_computes_encoder_features_once(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """Frozen runs cache the encoder's features: the encoder runs once per row at set-up,
+    never in a training step, and the cached features are what the encoder gives."""
+    from mtbert import train as training
+    from mtbert.model import BertModel
+
+    calls = {"rows": 0}
+    original = BertModel.forward
+
+    def counting_forward(self, input_ids, *args, **kwargs):
+        calls["rows"] += input_ids.shape[0]
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(BertModel, "forward", counting_forward)
+    cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, tasks=["sst", "sts"], freeze_encoder=True,
+                      max_steps=6, train_limit=40, eval_limit=24, predict=False)
+    run = training.build_run(cfg)
+    rows = sum(len(d) for d in (*run.data.train.values(), *run.data.dev.values()))
+    assert calls["rows"] == rows  # every train and dev row once (pairs are encoded jointly)
+    run.model.eval()  # the direct features below without dropout, as the frozen encoder runs
+    for split in (*run.data.train.values(), *run.data.dev.values()):
+        assert split.features is not None and split.features.shape[0] == len(split)
+        idx = np.arange(min(8, len(split)))
+        batch = split.batch(idx)
+        direct = run.model.features(split.task, batch._replace(features=None))
+        torch.testing.assert_close(batch.features, direct, rtol=1e-5, atol=1e-6)
+    run.model.train()
+    run.model.bert.eval()
+    before_steps = calls["rows"]
+    for _ in range(4):
+        training.train_step(run)
+    assert calls["rows"] == before_steps  # the steps ran the heads alone

@@ -231,3 +231,41 @@ def test_temperature_sampling_with_pcgrad_runs(tmp_path, tiny_model_dir, data_di
     train(cfg)
     losses = [r["loss"] for r in read_log(Path(cfg.out)) if r["type"] == "train"]
     assert len(losses) == 4 and all(losses)
+
+
+def test_loop_phases_alone_give_the_same_weights_as_train(tmp_path, tiny_model_dir, data_dir):
+    """build_run + train_step repeated is the training of train() (evaluation and saving
+    draw no random numbers), and each stage of a step does its one job."""
+    from mtbert.train import (Evaluator, MetricsLog, backward, build_run, clip_gradients, forward_losses,
+                              next_batches, optimizer_step, set_learning_rate, train_step)
+    cfg = tiny_config(tmp_path / "whole", tiny_model_dir, data_dir, max_steps=5, combine="pcgrad", grad_clip=0.01)
+    train(cfg)
+    run = build_run(tiny_config(tmp_path / "phases", tiny_model_dir, data_dir, max_steps=5, combine="pcgrad",
+                                grad_clip=0.01))
+    run.model.train()
+    for _ in range(4):
+        result = train_step(run)
+        assert set(result.losses) == {"sst", "para", "sts"} and result.examples == 3 * 8
+    # The fifth step stage by stage.
+    set_learning_rate(run)
+    batches = next_batches(run)
+    losses = forward_losses(run, batches)
+    assert all(v.requires_grad for v in losses.values())
+    stats = backward(run, losses)
+    assert stats is not None and stats.cosine.shape == (3, 3)  # PCGrad combined the gradients
+    before = [p.detach().clone() for p in run.trainable]
+    clip_gradients(run)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in run.trainable
+                                                 if p.grad is not None]))
+    assert norm <= 0.01 * (1 + 1e-5)
+    optimizer_step(run)
+    assert run.step == 5 and any(not torch.equal(a, p) for a, p in zip(before, run.trainable))
+    whole = load_file(str(Path(cfg.out) / "last" / "model.safetensors"))
+    for key, value in run.model.state_dict().items():
+        assert torch.equal(whole[key], value), key
+
+    evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl"))
+    metrics = evaluator(run)
+    assert evaluator.best_step == 5 and (run.out / "best" / "model.safetensors").is_file()
+    run.step = 6
+    assert evaluator(run) == metrics and evaluator.best_step == 5  # not better: best stays

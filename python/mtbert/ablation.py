@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .aggregation import METHODS
 from .plots import plot_ablation
+from .tasks import get_task
 from .train import TrainConfig, train
 
 _BASE_HEADS = {"dropout_sst": 0.3, "dropout_para": 0.3, "dropout_sts": 0.3}
@@ -73,7 +74,7 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def headline(metrics: dict) -> dict[str, float]:
-    return {t: (m["pearson"] if t == "sts" else m["accuracy"]) for t, m in metrics.items()}
+    return {t: m[get_task(t).headline_metric] for t, m in metrics.items()}
 
 
 def run_grid(base: TrainConfig, *, grid: str = "seed", seeds: int = 3, budget: float = 1.0,
@@ -130,7 +131,11 @@ def _cell(mean: Optional[float], std: float, seeds: int) -> str:
 
 
 def write_table(rows: list[dict], path: Path, base: TrainConfig, seeds: int, budget: float) -> None:
-    tasks = [t for t in ("sst", "para", "sts") if any(t in r["dev_mean"] for r in rows)]
+    tasks = list(dict.fromkeys(t for r in rows for t in r["dev_mean"]))
+    by_metric: dict[str, list[str]] = {}
+    for t in tasks:
+        by_metric.setdefault(get_task(t).headline_name, []).append(t)
+    measured = ", ".join(f"{metric} for {' and '.join(ts)}" for metric, ts in by_metric.items())
     head = ["configuration"] + [f"{t} {s}" for t in tasks for s in ("train", "dev")] + ["overall dev"]
     lines = [
         "# Ablation",
@@ -138,7 +143,7 @@ def write_table(rows: list[dict], path: Path, base: TrainConfig, seeds: int, bud
         f"{seeds} seed(s) per configuration, budget {budget}: {base.max_steps} steps of batch "
         f"{base.batch_size} per task, at most {base.train_limit} training examples per task, "
         f"model {base.model or 'all-MiniLM-L6-v2 (embedded default)'}. Scores are mean +- std over "
-        "seeds (a single seed shows no spread): accuracy for sst and para, Pearson r for sts; train scores on the training "
+        f"seeds (a single seed shows no spread): {measured}; train scores on the training "
         "examples used (at most 1000 per task).",
         "",
         "The published numbers of the study are not available in this environment, so no "

@@ -68,6 +68,7 @@ __all__ = [
 GRADIENT_METHODS = ("pcgrad", "mgda", "cagrad", "gradvac", "imtl", "nash", "aligned")
 LOSS_METHODS = ("sum", "mean", "uw", "dwa", "rlw")
 METHODS = ("sum", "mean") + GRADIENT_METHODS + ("uw", "dwa", "rlw")
+ALIGNED_SCALES = ("min", "median", "rmse")  # Aligned-MTL's scale: the official code's modes
 
 # Each method's options and their defaults (the papers' where they give one).
 DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
@@ -528,7 +529,7 @@ class AlignedMTL(Method):
 
     def __init__(self, **options):
         super().__init__(**options)
-        if self.options["scale"] not in ("min", "median", "rmse"):
+        if self.options["scale"] not in ALIGNED_SCALES:
             raise ValueError(f'scale must be "min", "median" or "rmse", got {self.options["scale"]!r}')
 
     def weights(self, G):
@@ -768,7 +769,8 @@ class MultiTaskBackward:
     writes the shared ``.grad`` (float32 parameters get views of a reused result buffer);
     task i's head parameters get task i's own gradient. Loss-weighting methods backward
     ``sum_i w_i L_i`` once (no per-task gradients; UW's log-variances get their gradient:
-    add ``parameters()`` to the optimizer).
+    add ``parameters()`` to the optimizer; :meth:`weighted_loss` gives that sum without the
+    backward, for a loop that scales the loss first).
     """
 
     def __init__(
@@ -870,6 +872,17 @@ class MultiTaskBackward:
         return AggregationStats.build(self.method.name, w, G)
 
     def _loss_weighting(self, losses: list) -> AggregationStats:
+        total, stats = self.weighted_loss(losses)
+        total.backward()
+        return stats
+
+    def weighted_loss(self, losses: Sequence[Optional[Tensor]]) -> tuple[Tensor, AggregationStats]:
+        """Loss-weighting methods: the differentiable ``sum_i w_i L_i`` (UW's with its
+        log-variance terms) and this step's stats, advancing the method's state; a ``None``
+        loss is a task without a batch this step."""
+        if self.method.gradient_based:
+            raise ValueError(f"{self.method.name} combines per-task gradients: call backward()")
+        losses = list(losses)
         present = [l for l in losses if isinstance(l, Tensor)]
         if not present:
             raise ValueError("no loss tensor to backward")
@@ -881,8 +894,7 @@ class MultiTaskBackward:
         else:
             w = self.method.loss_weights(values)
             total = sum(float(wi) * l for wi, l in zip(w, losses) if isinstance(l, Tensor))
-        total.backward()
-        return AggregationStats.build(self.method.name, w, None)
+        return total, AggregationStats.build(self.method.name, w, None)
 
 
 # --------------------------------------------------------------------------------------

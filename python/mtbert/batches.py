@@ -9,14 +9,34 @@ their whole state is two integers and a resumed run draws the same batches.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from .data import Split
-from .multitask import TaskBatch
 from .tokenizer import WordPieceTokenizer
+
+
+class TaskBatch(NamedTuple):
+    """Token ids of one batch of one task; the `_b` fields hold the second sentences
+    when pairs are encoded separately."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    token_type_ids: torch.Tensor  # (B, L)
+    labels: Optional[torch.Tensor] = None  # (B,) int64 classes or float scores
+    input_ids_b: Optional[torch.Tensor] = None
+    attention_mask_b: Optional[torch.Tensor] = None
+    token_type_ids_b: Optional[torch.Tensor] = None
+    features: Optional[torch.Tensor] = None  # (B, F) cached frozen-encoder features, if any
+
+    def to(self, device) -> "TaskBatch":
+        return TaskBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
 
 
 @dataclass
@@ -64,6 +84,8 @@ class EncodedSplit:
     second: Optional[TokenArrays]
     labels: Optional[np.ndarray]  # int64 classes or float32 scores; None for unlabeled files
     truncated: int  # rows shortened by max_length
+    # (N, F) what a frozen encoder gives each row, computed once (see evaluate.cache_features)
+    features: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -77,14 +99,16 @@ class EncodedSplit:
             return None if a is None else TokenArrays(a.input_ids[:n], a.token_type_ids[:n],
                                                       a.attention_mask[:n], a.lengths[:n])
         labels = None if self.labels is None else self.labels[:n]
+        features = None if self.features is None else self.features[:n]
         return EncodedSplit(self.task, self.split, self.ids[:n], cut(self.first), cut(self.second),
-                            labels, self.truncated)
+                            labels, self.truncated, features)
 
     def batch(self, idx: np.ndarray) -> TaskBatch:
         a = self.first.rows(idx)
         b = self.second.rows(idx) if self.second is not None else (None, None, None)
         labels = torch.from_numpy(self.labels[idx]) if self.labels is not None else None
-        return TaskBatch(*a, labels, *b)
+        features = self.features[torch.from_numpy(idx).to(self.features.device)] if self.features is not None else None
+        return TaskBatch(*a, labels, *b, features)
 
 
 def encode_split(tokenizer: WordPieceTokenizer, split: Split, *, max_length: int,
@@ -104,8 +128,7 @@ def encode_split(tokenizer: WordPieceTokenizer, split: Split, *, max_length: int
         first, truncated = _encode(tokenizer, texts, None, max_length)
     labels = None
     if split.labeled:
-        dtype = np.float32 if split.task.kind == "regression" else np.int64
-        labels = np.array([ex.label for ex in examples], dtype=dtype)
+        labels = np.array([ex.label for ex in examples], dtype=split.task.label_dtype)
     return EncodedSplit(split.task.name, split.split, [ex.id for ex in examples], first, second,
                         labels, truncated + truncated_b)
 

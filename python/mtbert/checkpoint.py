@@ -9,8 +9,11 @@ A checkpoint is a folder:
                            states and sampler positions
 
 A folder is written under a temporary name and renamed into place, so a crash
-leaves either the previous checkpoint or the new one, never half of one.
-Nothing is ever unpickled.
+leaves either the previous checkpoint or the new one, never half of one; single
+files (HF model folders, prediction files, JSON reports) go through the same
+temporary-name-and-rename writer. Nothing is ever unpickled. This module is the
+one home of checkpoint file I/O: file names, the atomic writers, the check that
+a state dict fits a model, and CheckpointError.
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 from safetensors import SafetensorError
@@ -31,14 +35,39 @@ META_FILE = "mtbert.json"
 VOCAB_FILE = "vocab.txt"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
+# An HF model folder (what BertModel reads and writes).
+HF_CONFIG_FILE = "config.json"
+HF_SAFETENSORS_FILE = "model.safetensors"
+HF_PYTORCH_FILE = "pytorch_model.bin"
 
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete or does not fit the model."""
 
 
+def write_file_atomically(target: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+    """Create or replace `target` by letting `write` fill a temporary sibling file, then
+    renaming it into place: readers see the old file or the new one, never half of one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return target
+
+
+def write_text_atomically(target: Union[str, os.PathLike], text: str) -> Path:
+    return write_file_atomically(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_text_atomically(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -110,21 +139,33 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} cannot be read as safetensors: {exc}") from None
 
 
-def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(tensors[k].shape)}"
-             for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    problems = []
+def short_list(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
+
+
+def check_state_fits(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source,
+                     what: str, *, allow_unexpected: bool = False) -> list[str]:
+    """Raise CheckpointError unless `tensors` has every key of `expected` with its shape
+    (and, unless allowed, no other key). Returns the unexpected keys."""
+    missing = [k for k in expected if k not in tensors]
+    wrong = [f"{k}: expected {tuple(v.shape)}, found {tuple(tensors[k].shape)}"
+             for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    unexpected = [k for k in tensors if k not in expected]
+    parts = []
     if missing:
-        problems.append(f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    if unexpected:
-        problems.append(f"unexpected tensors {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        parts.append(f"missing keys ({len(missing)}): {short_list(missing)}")
+    if unexpected and not allow_unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {short_list(sorted(unexpected))}")
     if wrong:
-        problems.append("wrong shapes " + "; ".join(wrong[:8]))
-    if problems:
-        raise CheckpointError(f"{source} does not fit the model: " + ", ".join(problems))
+        parts.append(f"wrong shapes ({len(wrong)}): {short_list(wrong)}")
+    if parts:
+        raise CheckpointError(f"checkpoint {source} does not fit {what}: " + "; ".join(parts))
+    return unexpected
+
+
+def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    check_state_fits(model.state_dict(), tensors, source, f"this {type(model).__name__}")
     model.load_state_dict(tensors, strict=True)
 
 

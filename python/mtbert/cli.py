@@ -11,8 +11,17 @@ from typing import Any, Optional
 import click
 from click.core import ParameterSource
 
-from .aggregation import METHODS  # the one tuple of --combine choices (issue 13)
-from .data import TASKS
+from . import train as training
+from .ablation import GRIDS, run_grid
+from .checkpoint import CheckpointError, read_meta, write_json
+from .data import DataDirError, DataFormatError, resolve_data_dir
+from .evaluate import format_table
+from .export import export_checkpoint
+from .inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
+from .plots import plot_run
+from .pretrained import ModelFolderError
+from .tasks import get_task, known_tasks, overall_scores, uses_data_dir
+from .train import PRESETS, TrainConfig, config_from_sources, pick_device, train
 
 try:  # Python 3.11+
     import tomllib
@@ -25,7 +34,8 @@ TRAIN_HELP: dict[str, str] = {
     "data_dir": "Data directory (default: $MTBERT_DATA, ./data, then ../shared/data).",
     "model": "HF-format BERT folder (default: the embedded all-MiniLM-L6-v2).",
     "out": "Output folder: checkpoints, metrics.jsonl, summary, predictions.",
-    "tasks": f"Comma-separated tasks to train ({', '.join(TASKS)}).",
+    "tasks": f"Comma-separated tasks to train (built in: {', '.join(known_tasks())}; others are "
+             "declared as [tasks.NAME] in --config).",
     "epochs": "Number of epochs.",
     "max_steps": "Stop after this many steps (overrides --epochs).",
     "steps_per_epoch": "Steps in one epoch (0: one pass over --epoch-task).",
@@ -56,6 +66,7 @@ TRAIN_HELP: dict[str, str] = {
     "bucket": "Batch examples of similar length together (less padding).",
     "pooling": "Sentence embedding: mean of tokens, [CLS], or the pooler.",
     "pair_encoding": "Pairs: joint ([CLS] A [SEP] B [SEP]) or separate ([u, v, |u-v|, u*v]).",
+    "dropout": "Head dropout of a task, TASK=P (repeat the flag, or comma-separate: sst=0.5,sts=0.3).",
     "dropout_sst": "Dropout of the sentiment head (default 0.5).",
     "dropout_para": "Dropout of the paraphrase head (default 0.3).",
     "dropout_sts": "Dropout of the similarity head (default 0.5).",
@@ -63,7 +74,8 @@ TRAIN_HELP: dict[str, str] = {
     "extra_layers": "Extra hidden Linear+activation layers added to every head.",
     "activation": "Activation of hidden head layers.",
     "freeze_encoder": "Train only the heads; the encoder stays bit-identical.",
-    "class_weights": "Weight sentiment classes by N / (K * N_i).",
+    "class_weights": "Weight the classes of --class-weight-tasks by N / (K * N_i).",
+    "class_weight_tasks": "Comma-separated classification tasks that --class-weights applies to.",
     "reg": "Weight penalty on the heads of --reg-tasks: loss + w * ||W||_p.",
     "reg_weight": "Weight w of the --reg penalty.",
     "reg_tasks": "Comma-separated tasks whose heads get the --reg penalty.",
@@ -86,25 +98,12 @@ TRAIN_HELP: dict[str, str] = {
                "test prediction files.",
 }
 
-CHOICES = {
-    "combine": METHODS,  # issue 13: every method of mtbert.aggregation
-    "aligned_scale": ("min", "median", "rmse"),
-    "pcgrad_reduction": ("sum", "mean"),
-    "sampling": ("round-robin", "proportional", "temperature"),
-    "pooling": ("mean", "cls", "pooler"),
-    "pair_encoding": ("joint", "separate"),
-    "activation": ("relu", "leakyrelu"),
-    "reg": ("none", "l1", "l2", "linf"),
-    "smart_norm": ("linf", "l2"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
-    "epoch_task": tuple(TASKS),
-}
-LIST_FIELDS = ("tasks", "reg_tasks", "smart_tasks")
-
-
-def _train_config_class():
-    from .train import TrainConfig
-    return TrainConfig
+# Choices come from the modules that define them; task names are checked by TrainConfig
+# (user tasks are only known once the config is read).
+CHOICES = training.CHOICES
+LIST_FIELDS = ("tasks", "reg_tasks", "smart_tasks", "class_weight_tasks")
+MAPPING_FIELDS = ("dropout",)
+CONFIG_FILE_ONLY = ("task_definitions",)  # [tasks.NAME] tables; no flag
 
 
 def _option_for(f: dataclasses.Field, default: Any):
@@ -116,6 +115,8 @@ def _option_for(f: dataclasses.Field, default: Any):
                             show_default=True, help=help_text)
     if name in LIST_FIELDS:
         return click.option(flag, name, default=",".join(default), show_default=True, help=help_text)
+    if name in MAPPING_FIELDS:
+        return click.option(flag, name, multiple=True, metavar="TASK=VALUE", help=help_text)
     if name in CHOICES:
         return click.option(flag, name, type=click.Choice(CHOICES[name]), default=default,
                             show_default=True, help=help_text)
@@ -128,9 +129,8 @@ def _option_for(f: dataclasses.Field, default: Any):
 
 def training_options(func):
     """Decorate a click command with one option per TrainConfig field."""
-    cls = _train_config_class()
-    defaults = cls()
-    for f in reversed(dataclasses.fields(cls)):
+    defaults = TrainConfig()
+    for f in reversed([f for f in dataclasses.fields(TrainConfig) if f.name not in CONFIG_FILE_ONLY]):
         func = _option_for(f, getattr(defaults, f.name))(func)
     return func
 
@@ -141,7 +141,27 @@ def _normalize(values: dict) -> dict:
         key = key.replace("-", "_")
         if key in LIST_FIELDS and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        if key in MAPPING_FIELDS and isinstance(value, (tuple, list)):
+            value = _parse_mapping(key, value)
         out[key] = value
+    return out
+
+
+def _parse_mapping(key: str, items) -> dict[str, float]:
+    """("sts=0.5", "sst=0.3,para=0.1") -> {"sts": 0.5, "sst": 0.3, "para": 0.1}."""
+    out = {}
+    for item in items:
+        for part in str(item).split(","):
+            if not part.strip():
+                continue
+            task, sep, value = part.partition("=")
+            try:
+                if not sep:
+                    raise ValueError
+                out[task.strip()] = float(value)
+            except ValueError:
+                raise click.BadParameter(f"expected TASK=VALUE, got {part!r}",
+                                         param_hint="--" + key.replace("_", "-")) from None
     return out
 
 
@@ -155,11 +175,30 @@ def _read_config_file(path: Optional[str]) -> dict:
         return {}
     try:
         with open(path, "rb") as fh:
-            return _normalize(tomllib.load(fh))
+            values = _normalize(tomllib.load(fh))
     except OSError as exc:
         raise click.BadParameter(f"cannot read {path}: {exc}", param_hint="--config") from None
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{path} is not valid TOML: {exc}", param_hint="--config") from None
+    tasks = values.get("tasks")
+    if isinstance(tasks, dict):
+        # [tasks.NAME] tables: the tasks to train, in order; an empty table names a built-in
+        # task, a table with keys declares a user task (files relative to the config file).
+        values["tasks"] = list(tasks)
+        base = Path(path).resolve().parent
+        try:
+            values["task_definitions"] = {name: {k: _relative_to(base, k, v) for k, v in spec.items()}
+                                          for name, spec in tasks.items() if spec}
+        except AttributeError:
+            raise click.BadParameter("each [tasks.NAME] entry must be a table", param_hint="--config") from None
+    return values
+
+
+def _relative_to(base: Path, key: str, value):
+    """A declared file path, made absolute against the config file's folder."""
+    if key in ("train", "dev", "test") and isinstance(value, str):
+        return str(base / Path(value).expanduser())
+    return value
 
 
 def _fail(exc: Exception) -> None:
@@ -168,7 +207,6 @@ def _fail(exc: Exception) -> None:
 
 
 def build_train_config(ctx: click.Context, params: dict, preset: Optional[str], config_file: Optional[str]):
-    from .train import config_from_sources
     try:
         return config_from_sources(preset, _read_config_file(config_file),
                                    _normalize(_given_flags(ctx, params)))
@@ -177,7 +215,7 @@ def build_train_config(ctx: click.Context, params: dict, preset: Optional[str], 
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--preset", type=click.Choice(["cpu-default", "seed-final", "smoke"]), default=None,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Start from a named configuration (flags and --config override it).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with the same keys as the flags (flags override it).")
@@ -190,11 +228,6 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
 
     With no options: all-MiniLM-L6-v2 on the data directory, a CPU-sized budget.
     """
-    from .checkpoint import CheckpointError, read_meta
-    from .data import DataDirError, DataFormatError
-    from .pretrained import ModelFolderError
-    from .train import TrainConfig, train
-
     if resume_dir is not None:
         given = _given_flags(ctx, params)
         extra = sorted(set(given) - {"data_dir", "device", "progress"})
@@ -232,19 +265,12 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
               help="Also draw learning curves, per-class accuracy and gradient-conflict plots.")
 def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
     """Evaluate a checkpoint: metrics per task and prediction files for every id."""
-    from .checkpoint import CheckpointError, write_json
-    from .data import DataDirError, DataFormatError, resolve_data_dir
-    from .evaluate import format_table
-    from .inference import checkpoint_folder, load_checkpoint, predict_files
-    from .metrics import overall_scores
-    from .train import pick_device
-
     try:
         dev = pick_device(device)
         model, meta, tokenizer = load_checkpoint(checkpoint, device=dev)
         folder = checkpoint_folder(checkpoint)
         out_dir = Path(out) if out else (folder.parent if folder.name == "best" else folder)
-        data = resolve_data_dir(data_dir)
+        data = resolve_data_dir(data_dir) if uses_data_dir(model.config.tasks) else None
         report = {}
         for s in (["dev", "test-student"] if split == "both" else
                   ["test-student" if split == "test" else "dev"]):
@@ -256,7 +282,6 @@ def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
             click.echo(f"wrote predictions for {s} to {out_dir}")
         write_json(out_dir / "eval.json", report)
         if plots:
-            from .plots import plot_run
             for path in plot_run(out_dir, report.get("dev", {}).get("tasks")):
                 click.echo(f"wrote {path}")
     except (CheckpointError, DataDirError, DataFormatError, ValueError) as exc:
@@ -271,9 +296,6 @@ def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
 @click.argument("second", required=False)
 def predict_cmd(checkpoint, as_json, sentence, second):
     """Sentiment of SENTENCE, or paraphrase probability and similarity of SENTENCE and SECOND."""
-    from .checkpoint import CheckpointError
-    from .inference import predict_text, load_checkpoint
-
     try:
         model, meta, tokenizer = load_checkpoint(checkpoint)
         result = predict_text(model, tokenizer, meta, sentence, second)
@@ -282,20 +304,12 @@ def predict_cmd(checkpoint, as_json, sentence, second):
     if as_json:
         click.echo(json.dumps(result))
         return
-    names = {0: "very negative", 1: "negative", 2: "neutral", 3: "positive", 4: "very positive"}
     for task, r in result.items():
-        if task == "sst":
-            click.echo(f"sentiment: {r['label']} ({names[r['label']]}), probabilities {r['probabilities']}")
-        elif task == "cfimdb":
-            click.echo(f"cfimdb positive-review probability: {r['probability']}")
-        elif task == "para":
-            click.echo(f"paraphrase probability: {r['probability']}")
-        elif task == "sts":
-            click.echo(f"similarity (0-5): {r['similarity']}")
+        click.echo(get_task(task).describe_line(r))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--grid", type=click.Choice(["seed", "methods"]), default="seed", show_default=True,
+@click.option("--grid", type=click.Choice(list(GRIDS)), default="seed", show_default=True,
               help="Which grid of configurations to run (seed: the study's ablation table; "
                    "methods: every --combine method, same budget and seeds).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
@@ -305,7 +319,7 @@ def predict_cmd(checkpoint, as_json, sentence, second):
                    "examples per task; 0.05 is a quick smoke run).")
 @click.option("--only", default=None,
               help="Comma-separated configuration names (or their slugs) to run instead of all.")
-@click.option("--preset", type=click.Choice(["cpu-default", "seed-final", "smoke"]), default=None,
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
               help="Base configuration for every run.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML base configuration (same keys as mtbert-train).")
@@ -316,10 +330,6 @@ def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, preset, config_fil
 
     Accepts every mtbert-train flag as the base configuration; --out is the grid's folder.
     """
-    from .ablation import run_grid
-    from .data import DataDirError, DataFormatError
-    from .pretrained import ModelFolderError
-
     base = build_train_config(ctx, params, preset, config_file)
     if ctx.get_parameter_source("out") != ParameterSource.COMMANDLINE:
         base = dataclasses.replace(base, out="runs/ablation")
@@ -340,9 +350,6 @@ def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, preset, config_fil
 @click.option("--force", is_flag=True, help="Replace --out when it is not empty.")
 def export_cmd(checkpoint, out, force):
     """Export a checkpoint's encoder for transformers and sentence-transformers, heads beside it."""
-    from .checkpoint import CheckpointError
-    from .export import export_checkpoint
-
     try:
         result = export_checkpoint(checkpoint, out, force=force)
     except (CheckpointError, ValueError) as exc:

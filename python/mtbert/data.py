@@ -1,4 +1,5 @@
-"""Reading the CS224N handout data: SST and CFIMDB sentences, Quora and STS pairs.
+"""Reading task data: the CS224N handout files (SST and CFIMDB sentences, Quora and STS
+pairs) and user tasks' CSV, TSV and JSON Lines files.
 
 Files are tab-separated UTF-8 with a header; columns are found by header name.
 Every physical line is one record (the handout format has no multi-line
@@ -10,48 +11,23 @@ warning by default, an error under `strict=True`. Nothing is dropped silently.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-SPLITS = ("train", "dev", "test-student")
+from .tasks import BUILTIN_TASKS, SPLITS, Task, get_task, split_key
+
+# What a task is (files, columns, labels) lives in the registry; these names are kept here
+# because the loader is where most callers meet them.
+TaskSpec = Task
+TASKS = BUILTIN_TASKS
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """How one task's files look and what its labels mean."""
-
-    name: str  # the CLI name: sst, para, sts, cfimdb
-    file_stem: str  # files are f"{file_stem}-{split}.csv"
-    text_columns: tuple[str, ...]  # one column for sentences, two for pairs
-    label_column: str
-    kind: str  # "classification", "binary" or "regression"
-    num_classes: int = 0  # classification only
-    label_range: tuple[float, float] = (0.0, 0.0)  # regression only
-
-    @property
-    def is_pair(self) -> bool:
-        return len(self.text_columns) == 2
-
-    def path(self, data_dir: Path, split: str) -> Path:
-        return data_dir / f"{self.file_stem}-{split}.csv"
-
-
-TASKS: dict[str, TaskSpec] = {
-    "sst": TaskSpec("sst", "ids-sst", ("sentence",), "sentiment", "classification", num_classes=5),
-    "para": TaskSpec("para", "quora", ("sentence1", "sentence2"), "is_duplicate", "binary", num_classes=2),
-    "sts": TaskSpec("sts", "sts", ("sentence1", "sentence2"), "similarity", "regression", label_range=(0.0, 5.0)),
-    "cfimdb": TaskSpec("cfimdb", "ids-cfimdb", ("sentence",), "sentiment", "binary", num_classes=2),
-}
-
-
-def task_spec(name: str) -> TaskSpec:
-    try:
-        return TASKS[name]
-    except KeyError:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}") from None
+def task_spec(name: str) -> Task:
+    return get_task(name)
 
 
 @dataclass(frozen=True)
@@ -78,7 +54,7 @@ class BadRow:
 class Split:
     """The good examples of one file, and the rows that were not usable."""
 
-    task: TaskSpec
+    task: Task
     split: str
     path: Path
     examples: list[Example]
@@ -156,65 +132,103 @@ def _decode(path: Path) -> str:
         ) from None
 
 
-def _parse_label(spec: TaskSpec, raw: str) -> Union[int, float]:
-    """Turn a label cell into an int class or a float score; ValueError with the reason."""
-    raw = raw.strip()
-    if not raw:
-        raise ValueError("empty label")
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"unparsable label {raw!r}") from None
-    if spec.kind == "regression":
-        lo, hi = spec.label_range
-        if not lo <= value <= hi:
-            raise ValueError(f"label {value} outside [{lo}, {hi}]")
-        return value
-    if value != int(value) or not 0 <= value < spec.num_classes:
-        raise ValueError(f"label {raw!r} is not a class in 0..{spec.num_classes - 1}")
-    return int(value)
+def _delimited_rows(path: Path, text: str, delimiter: str, one_line_per_row: bool):
+    """(header, iterator of (line number, fields)) of a CSV or TSV file.
+
+    The handout's TSV has one record per physical line, so a stray quote damages only
+    its own line; CSV files follow the usual quoting rules (a quoted field may span lines).
+    """
+    if one_line_per_row:
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+        if not lines:
+            raise DataFormatError(f"{path}: empty file (no header)")
+        header = next(csv.reader([lines[0]], delimiter=delimiter))
+        rows = ((n, next(csv.reader([line.rstrip("\r")], delimiter=delimiter), []))
+                for n, line in enumerate(lines[1:], start=2))
+        return header, rows
+    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
+    header = next(reader, None)
+    if header is None:
+        raise DataFormatError(f"{path}: empty file (no header)")
+
+    def rows():
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                yield reader.line_num, exc
+                continue
+            yield reader.line_num, row
+    return header, rows()
+
+
+def _records(spec: Task, path: Path, text: str, wanted: tuple[str, ...]):
+    """Each data row as (line number, {column: cell} or the reason it is malformed)."""
+    if spec.file_format == "jsonl":
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield line_no, ValueError(f"not a JSON object ({exc.msg})")
+                continue
+            if not isinstance(record, dict):
+                yield line_no, ValueError("not a JSON object")
+                continue
+            missing = [c for c in wanted if c not in record]
+            yield line_no, (ValueError(f"lacks key(s) {missing}") if missing else record)
+        return
+    header, rows = _delimited_rows(path, text, "\t" if spec.file_format == "tsv" else ",",
+                                   one_line_per_row=spec.file_format == "tsv")
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataFormatError(f"{path}: header lacks column(s) {missing}; header is {header}")
+    index = {name: header.index(name) for name in wanted}
+    width = len(header)
+    for line_no, row in rows:
+        if isinstance(row, Exception):
+            yield line_no, ValueError(str(row))
+        elif len(row) != width:
+            yield line_no, ValueError(f"expected {width} fields, found {len(row)}")
+        else:
+            yield line_no, {name: row[i] for name, i in index.items()}
 
 
 def read_split(
-    spec: TaskSpec,
+    spec: Task,
     path: Path,
     split: str,
     *,
     strict: bool = False,
     warn: bool = True,
 ) -> Split:
-    """Read one handout file into a Split; malformed rows are reported, never dropped silently."""
+    """Read one data file into a Split; malformed rows (bad shape, empty text, a label
+    outside the task's classes or range) are reported with file and line, never dropped
+    silently: skipped with a warning, or a DataFormatError under strict."""
     text = _decode(path)
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line
-    if not lines:
-        raise DataFormatError(f"{path}: empty file (no header)")
-    header = next(csv.reader([lines[0]], delimiter="\t"))
     labeled = split != "test-student"
-    wanted = ("id",) + spec.text_columns + ((spec.label_column,) if labeled else ())
-    missing = [c for c in wanted if c not in header]
-    if missing:
-        raise DataFormatError(f"{path}: header lacks column(s) {missing}; header is {header}")
-    index = {name: header.index(name) for name in wanted}
-    width = len(header)
+    ids = (spec.id_column,) if spec.id_column else ()
+    wanted = ids + spec.text_columns + ((spec.label_column,) if labeled else ())
 
     examples: list[Example] = []
     bad: list[BadRow] = []
-    for line_no, line in enumerate(lines[1:], start=2):
-        line = line.rstrip("\r")
-        row = next(csv.reader([line], delimiter="\t"), [])
+    for line_no, record in _records(spec, path, text, wanted):
         try:
-            if len(row) != width:
-                raise ValueError(f"expected {width} fields, found {len(row)}")
-            ex_id = row[index["id"]].strip()
+            if isinstance(record, Exception):
+                raise record
+            ex_id = str(record[spec.id_column]).strip() if spec.id_column else str(line_no)
             if not ex_id:
                 raise ValueError("empty id")
-            texts = [row[index[c]] for c in spec.text_columns]
+            texts = [record[c] for c in spec.text_columns]
             for col, value in zip(spec.text_columns, texts):
-                if not value.strip():
+                if not isinstance(value, str) or not value.strip():
                     raise ValueError(f"empty {col}")
-            label = _parse_label(spec, row[index[spec.label_column]]) if labeled else None
+            label = spec.parse_label(record[spec.label_column]) if labeled else None
         except ValueError as exc:
             bad.append(BadRow(path, line_no, str(exc)))
             continue
@@ -247,10 +261,14 @@ def load_split(
     spec = task_spec(task)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
-    folder = resolve_data_dir(data_dir)
+    if split not in spec.files:
+        raise DataDirError(f"task {spec.name!r} declares no {split_key(split)} file")
+    # A file declared with an absolute path needs no data directory.
+    folder = Path() if Path(spec.files[split]).expanduser().is_absolute() else resolve_data_dir(data_dir)
     path = spec.path(folder, split)
     if not path.is_file():
-        raise DataDirError(f"data file {str(path)!r} not found in data directory {str(folder)!r}")
+        raise DataDirError(f"data file {str(path)!r} of task {spec.name!r} not found"
+                           + ("" if folder == Path() else f" in data directory {str(folder)!r}"))
     result = read_split(spec, path, split, strict=strict, warn=warn)
     if limit is not None:
         result.examples = result.examples[:limit]

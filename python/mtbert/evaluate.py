@@ -10,17 +10,9 @@ import numpy as np
 import torch
 
 from .batches import EncodedSplit, eval_batches
-from .metrics import overall_scores, task_metrics
+from .checkpoint import write_file_atomically
 from .multitask import MultitaskBert
-
-# Prediction file names and headers follow the course handout.
-PREDICTION_COLUMN = {
-    "sst": "Predicted_Sentiment",
-    "para": "Predicted_Is_Paraphrase",
-    "sts": "Predicted_Similarity",
-    "cfimdb": "Predicted_Sentiment",
-}
-
+from .tasks import get_task, overall_scores
 
 def split_label(split: str) -> str:
     """The handout names test-student predictions `-test-output.csv`."""
@@ -53,6 +45,26 @@ def predict_split(model: MultitaskBert, data: EncodedSplit, *, device: torch.dev
     return preds if preds is not None else np.zeros(0)
 
 
+@torch.no_grad()
+def cache_features(model: MultitaskBert, data: EncodedSplit, *, device: torch.device,
+                   batch_size: int = 64, precision: str = "fp32") -> None:
+    """Store in `data.features` what the (frozen) encoder gives every row: a frozen run then
+    trains and evaluates its heads without running the encoder again each epoch."""
+    was_training = model.training
+    model.eval()
+    features: Optional[torch.Tensor] = None
+    try:
+        for idx, batch in eval_batches(data, batch_size):
+            with autocast_context(device, precision):
+                out = model.features(data.task, batch.to(device))
+            if features is None:
+                features = out.new_empty((len(data), out.shape[-1]))
+            features[torch.from_numpy(idx).to(out.device)] = out
+    finally:
+        model.train(was_training)
+    data.features = features
+
+
 def evaluate_tasks(model: MultitaskBert, datasets: dict[str, EncodedSplit], *, device: torch.device,
                    batch_size: int = 64, precision: str = "fp32"
                    ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
@@ -63,34 +75,30 @@ def evaluate_tasks(model: MultitaskBert, datasets: dict[str, EncodedSplit], *, d
         preds = predict_split(model, data, device=device, batch_size=batch_size, precision=precision)
         predictions[task] = preds
         if data.labels is not None:
-            metrics[task] = task_metrics(task, data.labels, preds)
+            metrics[task] = get_task(task).metrics(data.labels, preds)
     return metrics, predictions
 
 
 def write_predictions(folder: Path, task: str, split: str, ids: list[str], preds: np.ndarray) -> Path:
-    """`{task}-{split}-output.csv` with one row per input id."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{task}-{split_label(split)}-output.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id", PREDICTION_COLUMN[task]])
-        for ex_id, p in zip(ids, preds):
-            writer.writerow([ex_id, f"{float(p):.4f}" if task == "sts" else int(p)])
-    tmp.replace(path)
-    return path
+    """`{task}-{split}-output.csv` with one row per input id (file names and the built-in
+    tasks' headers follow the course handout)."""
+    spec = get_task(task)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["id", spec.prediction_column])
+            for ex_id, p in zip(ids, preds):
+                writer.writerow([ex_id, spec.format_prediction(p)])
+    return write_file_atomically(folder / f"{task}-{split_label(split)}-output.csv", write)
 
 
 def format_table(metrics: dict[str, dict]) -> str:
     """A small Markdown table of the headline metrics."""
     rows = ["| task | metric | value |", "|---|---|---|"]
     for task, m in metrics.items():
-        if task == "sts":
-            rows.append(f"| sts | Pearson r | {m['pearson']:.4f} |")
-        else:
-            rows.append(f"| {task} | accuracy | {m['accuracy']:.4f} |")
-            rows.append(f"| {task} | balanced accuracy | {m['balanced_accuracy']:.4f} |")
-            rows.append(f"| {task} | F1 | {m['f1']:.4f} |")
+        for name, value in get_task(task).table_rows(m):
+            rows.append(f"| {task} | {name} | {value:.4f} |")
     scores = overall_scores(metrics)
     if scores["overall"] is not None:
         rows.append(f"| all | overall (acc, acc, (r+1)/2) | {scores['overall']:.4f} |")

@@ -11,10 +11,10 @@ import torch
 
 from . import checkpoint as ckpt
 from .batches import encode_split
-from .data import TASKS, Example, Split, load_split
+from .data import Example, Split, load_split
 from .evaluate import predict_split, write_predictions
-from .metrics import task_metrics
 from .multitask import MultitaskBert, MultitaskConfig
+from .tasks import get_task
 from .tokenizer import WordPieceTokenizer
 
 
@@ -45,7 +45,10 @@ def load_checkpoint(path, *, device: Optional[torch.device] = None
     vocab = folder / ckpt.VOCAB_FILE
     if not vocab.is_file():
         raise ckpt.CheckpointError(f"{folder} lacks {ckpt.VOCAB_FILE}")
-    tokenizer = WordPieceTokenizer.from_file(vocab, lowercase=meta.get("tokenizer", {}).get("lowercase", True))
+    # Every saved setting (checkpoints before strip_accents was saved hold lowercase only).
+    settings = meta.get("tokenizer", {})
+    tokenizer = WordPieceTokenizer.from_file(vocab, lowercase=settings.get("lowercase", True),
+                                             strip_accents=settings.get("strip_accents"))
     model.to(device or torch.device("cpu")).eval()
     return model, meta, tokenizer
 
@@ -59,38 +62,32 @@ def predict_files(model: MultitaskBert, tokenizer: WordPieceTokenizer, meta: dic
     max_length = train_cfg.get("max_length", 128)
     metrics = {}
     for task in tasks:
+        if split not in get_task(task).files:
+            continue  # a user task may declare no test file
         data = load_split(task, split, data_dir, strict=strict, warn=False)
         encoded = encode_split(tokenizer, data, max_length=max_length,
                                pair_encoding=model.config.pair_encoding)
         preds = predict_split(model, encoded, device=device, batch_size=batch_size, precision=precision)
         write_predictions(out, task, split, encoded.ids, preds)
         if encoded.labels is not None:
-            metrics[task] = task_metrics(task, encoded.labels, preds)
+            metrics[task] = get_task(task).metrics(encoded.labels, preds)
     return metrics
 
 
 @torch.no_grad()
 def predict_text(model: MultitaskBert, tokenizer: WordPieceTokenizer, meta: dict,
                  text: str, text_pair: Optional[str] = None) -> dict:
-    """Sentiment of one sentence, or paraphrase probability and similarity of a pair."""
+    """Each single-text task's output for one sentence, or each pair task's for a pair."""
     max_length = meta.get("train", {}).get("max_length", 128)
-    tasks = [t for t in model.config.tasks if TASKS[t].is_pair == (text_pair is not None)]
+    tasks = [t for t in model.config.tasks if get_task(t).is_pair == (text_pair is not None)]
     if not tasks:
         kind = "sentence pairs" if text_pair is not None else "single sentences"
         raise ValueError(f"this checkpoint has no task for {kind} (tasks: {model.config.tasks})")
     device = next(model.parameters()).device
     result = {}
     for task in tasks:
-        split = Split(TASKS[task], "test-student", Path("<input>"), [Example("input", text, text_pair)])
+        split = Split(get_task(task), "test-student", Path("<input>"), [Example("input", text, text_pair)])
         batch = encode_split(tokenizer, split, max_length=max_length,
                              pair_encoding=model.config.pair_encoding).batch(np.array([0])).to(device)
-        out = model(task, batch).float()
-        kind = TASKS[task].kind
-        if kind == "classification":
-            probs = torch.softmax(out, dim=-1)[0]
-            result[task] = {"label": int(probs.argmax()), "probabilities": [round(float(p), 4) for p in probs]}
-        elif kind == "binary":
-            result[task] = {"probability": round(float(torch.sigmoid(out[0])), 4)}
-        else:
-            result[task] = {"similarity": round(float(out[0]), 4)}
+        result[task] = get_task(task).describe(model(task, batch))
     return result

@@ -1,18 +1,15 @@
-"""Task metrics (scikit-learn / scipy do the arithmetic) and the overall score."""
+"""Metric arithmetic (scikit-learn / scipy do the work). Which metrics a task reports,
+its headline number and its share of the overall score are in its registry entry
+(`tasks.Task.metrics`, `Task.score`, `tasks.overall_scores`)."""
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Optional
 
 import numpy as np
 from scipy.stats import pearsonr
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, recall_score
-
-from .data import TASKS
-
-# The number each task contributes to the overall score, scaled to [0, 1].
-PRIMARY_METRIC = {"sst": "accuracy", "para": "accuracy", "sts": "pearson", "cfimdb": "accuracy"}
 
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict:
@@ -33,7 +30,8 @@ def classification_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: i
     }
 
 
-def similarity_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:
+def regression_metrics(labels: np.ndarray, preds: np.ndarray,
+                       label_range: tuple[float, float] = (0.0, 5.0)) -> dict:
     labels = np.asarray(labels, dtype=np.float64)
     preds = np.asarray(preds, dtype=np.float64)
     if len(labels) < 2 or np.all(preds == preds[0]) or np.all(labels == labels[0]):
@@ -41,10 +39,11 @@ def similarity_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:
     else:
         r = float(pearsonr(labels, preds)[0])
     # Per-bucket accuracy: how often the rounded prediction equals the rounded gold score.
+    lo, hi = int(math.floor(label_range[0] + 0.5)), int(math.floor(label_range[1] + 0.5))
     gold = np.rint(labels).astype(int)
-    guess = np.clip(np.rint(preds), 0, 5).astype(int)
+    guess = np.clip(np.rint(preds), lo, hi).astype(int)
     buckets = {}
-    for b in range(6):
+    for b in range(lo, hi + 1):
         sel = gold == b
         if sel.any():
             buckets[str(b)] = float((guess[sel] == b).mean())
@@ -57,26 +56,5 @@ def similarity_metrics(labels: np.ndarray, preds: np.ndarray) -> dict:
     }
 
 
-def task_metrics(task: str, labels: np.ndarray, preds: np.ndarray) -> dict:
-    spec = TASKS[task]
-    if spec.kind == "regression":
-        return similarity_metrics(labels, preds)
-    return classification_metrics(np.asarray(labels).astype(int), np.asarray(preds).astype(int),
-                                  spec.num_classes)
-
-
-def primary_score(task: str, metrics: dict) -> float:
-    """A task's headline number in [0, 1]: accuracy, or (r + 1) / 2 for similarity."""
-    if task == "sts":
-        return (metrics["pearson"] + 1.0) / 2.0
-    return metrics[PRIMARY_METRIC[task]]
-
-
-def overall_scores(per_task: dict[str, dict]) -> dict[str, Optional[float]]:
-    """overall: mean of accuracies and (r+1)/2 (the course's score); plain_mean: mean of
-    accuracies and r as they are."""
-    if not per_task:
-        return {"overall": None, "plain_mean": None}
-    overall = float(np.mean([primary_score(t, m) for t, m in per_task.items()]))
-    plain = float(np.mean([m[PRIMARY_METRIC[t]] for t, m in per_task.items()]))
-    return {"overall": overall, "plain_mean": plain}
+# The similarity metrics under their earlier name.
+similarity_metrics = regression_metrics

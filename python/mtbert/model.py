@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -26,6 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from safetensors.torch import load_file, save_file
+
+from . import checkpoint as ckpt
 from .checkpoint import CheckpointError  # one error type for every checkpoint problem
 from .config import BertConfig
 from .pretrained import ModelFolderError, default_model_dir
@@ -37,9 +39,9 @@ ACTIVATIONS = {
     "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
 }
-CONFIG_NAME = "config.json"
-SAFETENSORS_NAME = "model.safetensors"
-PYTORCH_NAME = "pytorch_model.bin"
+CONFIG_NAME = ckpt.HF_CONFIG_FILE
+SAFETENSORS_NAME = ckpt.HF_SAFETENSORS_FILE
+PYTORCH_NAME = ckpt.HF_PYTORCH_FILE
 # Buffers that HF checkpoints may carry; ours are computed, so they are dropped.
 IGNORED_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
@@ -304,30 +306,15 @@ class BertModel(nn.Module):
         """
         state, ignored = _normalize_keys(state)
         expected = self.state_dict()
-        missing = [k for k in expected if k not in state]
-        wrong = [
-            f"{k}: expected {tuple(v.shape)}, found {tuple(state[k].shape)}"
-            for k, v in expected.items()
-            if k in state and state[k].shape != v.shape
-        ]
-        if missing or wrong:
-            parts = []
-            if missing:
-                parts.append(f"missing keys ({len(missing)}): {_short_list(missing)}")
-            if wrong:
-                parts.append(f"wrong shapes ({len(wrong)}): {_short_list(wrong)}")
-            raise CheckpointError(
-                f"checkpoint {source} does not fit this BertModel "
-                f"(hidden {self.config.hidden_size}, {self.config.num_hidden_layers} layers): "
-                + "; ".join(parts)
-            )
-        unexpected = [k for k in state if k not in expected]
+        unexpected = ckpt.check_state_fits(
+            expected, state, source, f"this BertModel (hidden {self.config.hidden_size}, "
+            f"{self.config.num_hidden_layers} layers)", allow_unexpected=True)
         if unexpected or ignored:
             notes = []
             if ignored:
-                notes.append(f"{len(ignored)} pretraining-head tensors ({_short_list(sorted(ignored), 4)})")
+                notes.append(f"{len(ignored)} pretraining-head tensors ({ckpt.short_list(sorted(ignored), 4)})")
             if unexpected:
-                notes.append(f"{len(unexpected)} unexpected keys ({_short_list(unexpected)})")
+                notes.append(f"{len(unexpected)} unexpected keys ({ckpt.short_list(unexpected)})")
             warnings.warn(f"checkpoint {source}: ignored " + " and ".join(notes), stacklevel=3)
         with torch.no_grad():
             for name, tensor in expected.items():
@@ -335,14 +322,11 @@ class BertModel(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         """Write config.json and model.safetensors, each atomically (temp file + os.replace)."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(folder / SAFETENSORS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-        text = self.config.to_json_string()
-        _atomic_write(folder / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        ckpt.write_file_atomically(folder / SAFETENSORS_NAME,
+                                   lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        ckpt.write_text_atomically(folder / CONFIG_NAME, self.config.to_json_string())
 
 
 def _check_attn_implementation(value: str) -> None:
@@ -353,8 +337,6 @@ def _check_attn_implementation(value: str) -> None:
 def _read_weights(path: Path) -> dict[str, Tensor]:
     try:
         if path.name.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
             return load_file(str(path), device="cpu")
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or truncated file: say which one
@@ -386,23 +368,6 @@ def _normalize_keys(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[s
             key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
         out[key] = tensor
     return out, heads
-
-
-def _short_list(items: list[str], limit: int = 12) -> str:
-    shown = ", ".join(items[:limit])
-    return shown if len(items) <= limit else f"{shown}, ... ({len(items) - limit} more)"
-
-
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["BertModel", "BertOutput", "CheckpointError"]

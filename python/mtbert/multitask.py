@@ -9,15 +9,15 @@ dropout, extra hidden layers, activation.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import BertConfig
-from .data import TASKS, task_spec
+from .batches import TaskBatch
 from .model import BertModel
+from .tasks import BUILTIN_TASKS, get_task, register_saved, saved_definitions
 
 POOLINGS = ("mean", "cls", "pooler")
 PAIR_ENCODINGS = ("joint", "separate")
@@ -32,14 +32,14 @@ class HeadConfig:
     activation: str = "relu"  # "relu" or "leakyrelu"
 
 
-def default_heads() -> dict[str, HeadConfig]:
-    """The published final heads (similarity keeps its one hidden layer)."""
-    return {
-        "sst": HeadConfig(dropout=0.5),
-        "para": HeadConfig(dropout=0.3),
-        "sts": HeadConfig(dropout=0.5, hidden_layers=1, hidden_dropout=0.3),
-        "cfimdb": HeadConfig(dropout=0.3),
-    }
+def default_head(task: str) -> HeadConfig:
+    """The task's registered head (the built-ins: the published final heads)."""
+    d = get_task(task).head
+    return HeadConfig(dropout=d.dropout, hidden_layers=d.hidden_layers, hidden_dropout=d.hidden_dropout)
+
+
+def default_heads(tasks=tuple(BUILTIN_TASKS)) -> dict[str, HeadConfig]:
+    return {t: default_head(t) for t in tasks}
 
 
 @dataclass
@@ -49,10 +49,16 @@ class MultitaskConfig:
     heads: dict[str, HeadConfig] = field(default_factory=default_heads)
     pooling: str = "mean"  # MiniLM's pooler is untrained and it was trained with mean pooling
     pair_encoding: str = "joint"  # "joint": [CLS] A [SEP] B [SEP]; "separate": [u, v, |u-v|, u*v]
+    # Full definitions of the user tasks among `tasks` (tasks.Task.to_dict()), so a
+    # checkpoint knows them without the config that declared them.
+    task_definitions: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        register_saved(self.task_definitions)
         for name in self.tasks:
-            task_spec(name)  # raises a clear error for unknown names
+            get_task(name)  # raises a clear error for unknown names
+        if not self.task_definitions:
+            self.task_definitions = saved_definitions(self.tasks)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.pair_encoding not in PAIR_ENCODINGS:
@@ -61,7 +67,7 @@ class MultitaskConfig:
             k: (v if isinstance(v, HeadConfig) else HeadConfig(**v)) for k, v in self.heads.items()
         }
         for name in self.tasks:
-            self.heads.setdefault(name, default_heads()[name])
+            self.heads.setdefault(name, default_head(name))
             if self.heads[name].activation not in ACTIVATIONS:
                 raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.heads[name].activation!r}")
 
@@ -75,8 +81,7 @@ class MultitaskConfig:
 
 def output_size(task: str) -> int:
     """Logits per example: one for binary tasks and regression, K for K-way classification."""
-    spec = TASKS[task]
-    return spec.num_classes if spec.kind == "classification" else 1
+    return get_task(task).output_size
 
 
 def build_head(in_features: int, hidden: int, out_features: int, cfg: HeadConfig) -> nn.Sequential:
@@ -90,26 +95,6 @@ def build_head(in_features: int, hidden: int, out_features: int, cfg: HeadConfig
     return nn.Sequential(*layers)
 
 
-class TaskBatch(NamedTuple):
-    """Token ids of one batch of one task; the `_b` fields hold the second sentences
-    when pairs are encoded separately."""
-
-    input_ids: torch.Tensor  # (B, L)
-    attention_mask: torch.Tensor  # (B, L)
-    token_type_ids: torch.Tensor  # (B, L)
-    labels: Optional[torch.Tensor] = None  # (B,) int64 classes or float scores
-    input_ids_b: Optional[torch.Tensor] = None
-    attention_mask_b: Optional[torch.Tensor] = None
-    token_type_ids_b: Optional[torch.Tensor] = None
-
-    def to(self, device) -> "TaskBatch":
-        return TaskBatch(*(t.to(device, non_blocking=True) if t is not None else None for t in self))
-
-    @property
-    def size(self) -> int:
-        return self.input_ids.shape[0]
-
-
 class MultitaskBert(nn.Module):
     def __init__(self, config: MultitaskConfig, encoder: Optional[BertModel] = None):
         super().__init__()
@@ -118,7 +103,7 @@ class MultitaskBert(nn.Module):
         hidden = self.bert.config.hidden_size
         self.heads = nn.ModuleDict()
         for task in config.tasks:
-            is_pair_separate = TASKS[task].is_pair and config.pair_encoding == "separate"
+            is_pair_separate = get_task(task).is_pair and config.pair_encoding == "separate"
             in_features = 4 * hidden if is_pair_separate else hidden
             self.heads[task] = build_head(in_features, hidden, output_size(task), config.heads[task])
 
@@ -154,6 +139,8 @@ class MultitaskBert(nn.Module):
 
     def features(self, task: str, batch: TaskBatch, embedding_noise=None) -> torch.Tensor:
         """What the task head reads: the embedding, or [u, v, |u-v|, u*v] for separate pairs."""
+        if batch.features is not None and embedding_noise is None:
+            return batch.features  # cached once by a frozen-encoder run (evaluate.cache_features)
         noise = list(embedding_noise) if embedding_noise is not None else [None, None]
         u = self.embed(batch.input_ids, batch.attention_mask, batch.token_type_ids, noise[0])
         if batch.input_ids_b is None:
@@ -172,22 +159,10 @@ class MultitaskBert(nn.Module):
     @torch.no_grad()
     def predict(self, task: str, batch: TaskBatch) -> torch.Tensor:
         """Predictions in label space: class ids, 0/1, or similarity scores."""
-        out = self.forward(task, batch).float()
-        kind = TASKS[task].kind
-        if kind == "classification":
-            return out.argmax(dim=-1)
-        if kind == "binary":
-            return (out > 0).long()
-        return out
+        return get_task(task).predictions(self.forward(task, batch))
 
 
 def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor,
               class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Cross-entropy (K-way), binary cross-entropy with logits, or MSE (similarity)."""
-    kind = TASKS[task].kind
-    output = output.float()
-    if kind == "classification":
-        return F.cross_entropy(output, labels, weight=class_weights)
-    if kind == "binary":
-        return F.binary_cross_entropy_with_logits(output, labels.float())
-    return F.mse_loss(output, labels.float())
+    """The task's loss (cross-entropy, binary cross-entropy with logits, or MSE)."""
+    return get_task(task).loss(output, labels, class_weights)

@@ -12,8 +12,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-PRIMARY = {"sst": ("accuracy", "SST accuracy"), "para": ("accuracy", "Quora accuracy"),
-           "sts": ("pearson", "STS Pearson r"), "cfimdb": ("accuracy", "CFIMDB accuracy")}
+from .tasks import get_task  # noqa: E402
 
 
 def read_log(run_dir: Path) -> list[dict]:
@@ -35,7 +34,8 @@ def plot_learning_curves(records: list[dict], path: Path) -> Optional[Path]:
         axes[0][col].plot(*zip(*pts))
         axes[0][col].set_title(f"{task} training loss")
         axes[0][col].set_xlabel("step")
-        key, label = PRIMARY[task]
+        spec = get_task(task)
+        key, label = spec.headline_metric, spec.headline_title
         dev = [(r["step"], r["metrics"][task][key]) for r in evals if task in r["metrics"]]
         if dev:
             axes[1][col].plot(*zip(*dev), marker="o")
@@ -57,8 +57,9 @@ def plot_per_class(metrics: dict[str, dict], path: Path) -> Optional[Path]:
         labels = list(per)
         ax.bar(labels, [per[k] for k in labels], color="tab:blue")
         ax.set_ylim(0, 1)
-        ax.set_title(f"{task}: accuracy per {'bucket' if task == 'sts' else 'class'}")
-        ax.set_xlabel("rounded gold score" if task == "sts" else "gold label")
+        unit, axis = get_task(task).per_class_axis
+        ax.set_title(f"{task}: accuracy per {unit}")
+        ax.set_xlabel(axis)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -134,7 +135,7 @@ def plot_run(run_dir: Path, dev_metrics: Optional[dict] = None) -> list[Path]:
 
 def plot_ablation(rows: list[dict], path: Path) -> Path:
     """Grouped bars: one group per task metric, one bar per configuration, std error bars."""
-    metrics = [k for k in ("sst", "para", "sts") if any(k in r["dev_mean"] for r in rows)]
+    metrics = list(dict.fromkeys(t for r in rows for t in r["dev_mean"]))
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(rows)), 5))
     x = np.arange(len(metrics))
@@ -144,7 +145,7 @@ def plot_ablation(rows: list[dict], path: Path) -> Path:
         stds = [r["dev_std"].get(m, 0.0) for m in metrics]
         ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=2,
                label=r["name"], color=cmap(i % 20))
-    ax.set_xticks(x, [PRIMARY[m][1] for m in metrics])
+    ax.set_xticks(x, [get_task(m).headline_title for m in metrics])
     ax.set_ylim(0, 1)
     ax.set_ylabel("dev score (mean over seeds)")
     ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))

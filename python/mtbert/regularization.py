@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import TASKS
+from .tasks import get_task
 
 if TYPE_CHECKING:
-    from .multitask import MultitaskBert, TaskBatch
+    from .batches import TaskBatch
+    from .multitask import MultitaskBert
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -41,12 +42,10 @@ def divergence(task: str, perturbed: torch.Tensor, clean: torch.Tensor) -> torch
     """Symmetric KL for classification (each side's gradient flows into its own
     argument only, as in the SMART reference code), squared error for similarity."""
     perturbed, clean = perturbed.float(), clean.float()
-    kind = TASKS[task].kind
-    if kind == "regression":
+    spec = get_task(task)
+    if spec.class_logits(clean) is None:  # scores, not a distribution
         return F.mse_loss(perturbed, clean)
-    if kind == "binary":  # two-class distributions from one logit
-        perturbed = torch.stack([torch.zeros_like(perturbed), perturbed], dim=-1)
-        clean = torch.stack([torch.zeros_like(clean), clean], dim=-1)
+    perturbed, clean = spec.class_logits(perturbed), spec.class_logits(clean)
     lp, lq = F.log_softmax(perturbed, dim=-1), F.log_softmax(clean, dim=-1)
     kl_pq = F.kl_div(lq.detach(), lp, log_target=True, reduction="batchmean")  # KL(p || q)
     kl_qp = F.kl_div(lp.detach(), lq, log_target=True, reduction="batchmean")  # KL(q || p)

@@ -22,6 +22,10 @@ from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
+from ._native import _WordPiece
+from ._wordpiece_py import PyWordPiece
+from .pretrained import resolve_model_dir
+
 PathLike = Union[str, os.PathLike]
 
 BACKENDS = ("native", "python")
@@ -89,10 +93,7 @@ class WordPieceTokenizer:
         self.num_threads = num_threads
 
     def _setup(self, vocab_text: str, lowercase, strip_accents, backend: str) -> None:
-        if backend == "native":
-            from mtbert._native import _WordPiece as impl
-        else:
-            from mtbert._wordpiece_py import PyWordPiece as impl
+        impl = _WordPiece if backend == "native" else PyWordPiece
         strip_accents = None if strip_accents is None else bool(strip_accents)
         self._impl = impl(vocab_text, bool(lowercase), strip_accents)
         self._backend = backend
@@ -139,8 +140,6 @@ class WordPieceTokenizer:
         Casing comes from tokenizer_config.json (`do_lower_case`, `strip_accents`)
         when the folder has one; otherwise the vocab is taken as uncased.
         """
-        from mtbert.pretrained import resolve_model_dir
-
         folder = resolve_model_dir(model_dir)
         lowercase, strip_accents = True, None
         config = folder / "tokenizer_config.json"
@@ -154,6 +153,11 @@ class WordPieceTokenizer:
                 strip_accents = bool(cfg["strip_accents"])
         return cls(folder / "vocab.txt", lowercase=lowercase, strip_accents=strip_accents,
                    num_threads=num_threads, backend=backend)
+
+    def settings(self) -> dict:
+        """Every setting that changes the ids (what a checkpoint records beside vocab.txt):
+        `WordPieceTokenizer.from_file(vocab, **settings)` tokenizes the same way."""
+        return {"lowercase": self.lowercase, "strip_accents": self.strip_accents}
 
     # -- properties ---------------------------------------------------------
     @property

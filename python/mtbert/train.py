@@ -1,7 +1,10 @@
-"""The multi-task training loop.
+"""The multi-task training loop, in named phases.
 
-Read top to bottom: (1) configuration, (2) data, (3) model, (4) optimizer and
-schedule, (5) resume, (6) the loop, (7) final evaluation and predictions.
+Read top to bottom: (1) configuration; (2-5) `build_run`: data, model, optimizer and
+schedule into one `Run`; (6) `train_step`: forward losses -> backward (combine) ->
+clip -> optimizer step, then the `Evaluator` (dev scores, best checkpoint), `save_last`
+(resume checkpoint) and `TrainLog`; `train` ties them together, with resume;
+(7) `finish_run`: final evaluation and predictions.
 """
 
 from __future__ import annotations
@@ -18,24 +21,33 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .batches import EncodedSplit, TaskSampler, encode_split
-from .data import TASKS, load_split, resolve_data_dir, task_spec
+from .batches import EncodedSplit, TaskBatch, TaskSampler, encode_split
+from .data import load_split, resolve_data_dir
 from .inference import load_checkpoint, predict_files
-from .evaluate import autocast_context, evaluate_tasks, format_table, write_predictions
-from .metrics import overall_scores
+from .evaluate import autocast_context, cache_features, evaluate_tasks, format_table
 from .model import BertModel
-from .multitask import ACTIVATIONS, MultitaskBert, MultitaskConfig, default_heads, task_loss
+from .multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS, MultitaskBert, MultitaskConfig, default_head, task_loss
 from .optim import AdamW
 from .pcgrad import PCGrad
-from . import aggregation  # the multi-task methods (issue 13)
+from . import aggregation
 from .pretrained import resolve_model_dir
 from .regularization import capture_rng, class_weights, head_penalty, smart_loss
+from .tasks import get_task, overall_scores, register_definitions, uses_data_dir
 from .tokenizer import WordPieceTokenizer
 
-COMBINES = aggregation.METHODS  # sum, mean, pcgrad, mgda, cagrad, ... (issue 13)
+COMBINES = aggregation.METHODS  # sum, mean, pcgrad, mgda, cagrad, ... (mtbert.aggregation)
 SAMPLINGS = ("round-robin", "proportional", "temperature")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
+PCGRAD_REDUCTIONS = ("sum", "mean")
+SMART_NORMS = ("linf", "l2")
+# Every TrainConfig field with a fixed set of values: the CLI's choices come from here.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "combine": COMBINES, "pcgrad_reduction": PCGRAD_REDUCTIONS, "aligned_scale": aggregation.ALIGNED_SCALES,
+    "sampling": SAMPLINGS,
+    "pooling": POOLINGS, "pair_encoding": PAIR_ENCODINGS, "activation": ACTIVATIONS,
+    "reg": PENALTIES, "smart_norm": SMART_NORMS, "precision": PRECISIONS,
+}
 
 
 # ---------------------------------------------------------------- (1) configuration
@@ -48,6 +60,8 @@ class TrainConfig:
     out: str = "runs/mtbert"
     # Tasks and budget
     tasks: list[str] = field(default_factory=lambda: ["sst", "para", "sts"])
+    # User tasks: name -> declaration (a TOML [tasks.NAME] table; see tasks.define_task).
+    task_definitions: dict[str, dict] = field(default_factory=dict)
     epochs: int = 3  # the default budget: 3 x 300 steps fits about 20 minutes on 2 CPU cores
     max_steps: Optional[int] = None  # stop after this many steps (overrides epochs)
     steps_per_epoch: Optional[int] = 300  # 0 or None: one pass over `epoch_task`
@@ -79,7 +93,8 @@ class TrainConfig:
     # Model
     pooling: str = "mean"
     pair_encoding: str = "joint"
-    dropout_sst: Optional[float] = None  # None: the published default per head
+    dropout: dict[str, float] = field(default_factory=dict)  # task -> head dropout; absent: the task's default
+    dropout_sst: Optional[float] = None  # the earlier per-task flags, kept: they set `dropout`
     dropout_para: Optional[float] = None
     dropout_sts: Optional[float] = None
     dropout_cfimdb: Optional[float] = None
@@ -87,7 +102,8 @@ class TrainConfig:
     activation: str = "relu"
     freeze_encoder: bool = False
     # Regularization
-    class_weights: bool = False  # sentiment CE weights N / (K * N_i)
+    class_weights: bool = False  # CE weights N / (K * N_i) for the class_weight_tasks
+    class_weight_tasks: list[str] = field(default_factory=lambda: ["sst"])
     reg: str = "none"  # weight penalty on the chosen heads
     reg_weight: float = 0.05
     reg_tasks: list[str] = field(default_factory=lambda: ["sts"])
@@ -110,20 +126,18 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
+        # Registered, and kept with absolute file paths (a resumed run may start elsewhere).
+        self.task_definitions = {task.name: {**self.task_definitions[task.name], **task.declared_files()}
+                                 for task in register_definitions(self.task_definitions)}
         for task in self.tasks:
-            task_spec(task)
+            get_task(task)
         if not self.tasks:
             raise ValueError("at least one task is needed")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks repeat: {self.tasks}")
-        checks = [
-            (self.combine in COMBINES, f"combine must be one of {COMBINES}"),
-            (self.pcgrad_reduction in ("sum", "mean"), "pcgrad_reduction must be sum or mean"),
-            (self.sampling in SAMPLINGS, f"sampling must be one of {SAMPLINGS}"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.reg in PENALTIES, f"reg must be one of {PENALTIES}"),
-            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}"),
-            (self.smart_norm in ("linf", "l2"), "smart_norm must be linf or l2"),
+        checks = [(getattr(self, name) in values, f"{name} must be one of {values}")
+                  for name, values in CHOICES.items()]
+        checks += [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
             (self.batch_size >= 1 and self.eval_batch_size >= 1, "batch sizes must be >= 1"),
@@ -138,9 +152,23 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
         aggregation.method_from_config(self)  # checks the method's options (issue 13)
-        for name in ("reg_tasks", "smart_tasks"):
+        for name in ("reg_tasks", "smart_tasks", "class_weight_tasks"):
             for task in getattr(self, name):
-                task_spec(task)
+                get_task(task)
+        for task in self.class_weight_tasks:
+            if not get_task(task).uses_class_weights:
+                raise ValueError(f"class weights apply to K-way classification tasks; {task} is "
+                                 f"{get_task(task).kind}")
+        self.dropout = dict(self.dropout)
+        for task, legacy in LEGACY_DROPOUT.items():
+            value = getattr(self, legacy)
+            if value is not None:
+                if self.dropout.setdefault(task, value) != value:
+                    raise ValueError(f"{legacy}={value} and dropout {task}={self.dropout[task]} disagree")
+        for task, value in self.dropout.items():
+            get_task(task)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"dropout of {task} must be in [0, 1), got {value}")
         if self.epoch_task not in self.tasks:
             self.epoch_task = self.tasks[0]
 
@@ -155,6 +183,9 @@ class TrainConfig:
             raise ValueError(f"unknown training option(s): {unknown}")
         return cls(**d)
 
+
+# The earlier per-task dropout options and the task each sets.
+LEGACY_DROPOUT = {"sst": "dropout_sst", "para": "dropout_para", "sts": "dropout_sts", "cfimdb": "dropout_cfimdb"}
 
 # The embedded default is tuned to finish on a 2-core CPU in about 20 minutes.
 PRESETS: dict[str, dict] = {
@@ -234,16 +265,14 @@ class MetricsLog:
 
 
 def build_model_config(cfg: TrainConfig, encoder_config: dict) -> MultitaskConfig:
-    heads = default_heads()
+    heads = {}
     for task in cfg.tasks:
-        head = heads[task]
-        dropout = getattr(cfg, f"dropout_{task}")
-        if dropout is not None:
-            head.dropout = dropout
+        head = heads[task] = default_head(task)
+        if task in cfg.dropout:
+            head.dropout = cfg.dropout[task]
         head.hidden_layers += cfg.extra_layers
         head.activation = cfg.activation
-    return MultitaskConfig(encoder=encoder_config, tasks=list(cfg.tasks),
-                           heads={t: heads[t] for t in cfg.tasks},
+    return MultitaskConfig(encoder=encoder_config, tasks=list(cfg.tasks), heads=heads,
                            pooling=cfg.pooling, pair_encoding=cfg.pair_encoding)
 
 
@@ -275,22 +304,58 @@ def _say(msg: str) -> None:
     tqdm.write(msg)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or continue, with resume=True) the training described by cfg; returns the summary."""
+# ---------------------------------------------------------------- (2-5) building the run
+
+@dataclass
+class Run:
+    """Everything one training run works with; built once by `build_run`."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    precision: str  # "fp32", "bf16" or "fp16" (autocast)
+    data_dir: Optional[Path]  # the handout data directory (None: no task needs it)
+    tokenizer: WordPieceTokenizer
+    data: RunData
+    model: MultitaskBert
+    trainable: list[torch.nn.Parameter]
+    optimizer: AdamW
+    samplers: dict[str, TaskSampler]
+    # How the task losses combine: PCGrad, another method of mtbert.aggregation (a
+    # MultiTaskBackward), or None: the plain sum of the losses
+    combiner: Optional[PCGrad | aggregation.MultiTaskBackward]
+    scaler: torch.amp.GradScaler  # loss scaling (active for fp16 only)
+    class_weights: dict[str, torch.Tensor]
+    task_probs: np.ndarray  # how often each task is drawn (sampling != round-robin)
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    step: int = 0  # optimizer steps taken
+
+    def checkpoint_meta(self) -> dict:
+        """What every checkpoint of the run says about itself (model, training, tokenizer)."""
+        return {"model": self.model.config.to_dict(), "train": self.cfg.to_dict(),
+                "tokenizer": self.tokenizer.settings(), "step": self.step}
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Data, model, optimizer, samplers and schedule for `cfg` (the RNG use is fixed by the
+    seed: the same cfg builds the same run)."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
-    # (2) data: each split tokenized once, kept as padded arrays
-    data_dir = resolve_data_dir(cfg.data_dir)
+    # data: each split tokenized once, kept as padded arrays; the handout data directory
+    # is needed only by tasks whose files are named relative to it (the built-ins)
+    data_dir = resolve_data_dir(cfg.data_dir) if uses_data_dir(cfg.tasks) else None
     model_dir = resolve_model_dir(cfg.model)
     tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
     t0 = time.time()
     data = load_run_data(cfg, tokenizer, data_dir)
     sizes = {t: len(d) for t, d in data.train.items()}
-    _say(f"data from {data_dir}: " + ", ".join(f"{t} {n} train / {len(data.dev[t])} dev"
+    _say(f"data from {data_dir or 'the task files'}: " + ", ".join(f"{t} {n} train / {len(data.dev[t])} dev"
                                                for t, n in sizes.items())
          + f" (tokenized in {time.time() - t0:.1f}s)")
     if data.bad_rows:
@@ -299,134 +364,249 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if n:
             _say(f"{task}: {n} example(s) truncated to {cfg.max_length} tokens")
 
-    # (3) model: the pretrained encoder plus fresh heads
+    # model: the pretrained encoder plus fresh heads
     encoder = BertModel.from_pretrained(model_dir)
     model = MultitaskBert(build_model_config(cfg, encoder.config.to_dict()), encoder)
     if cfg.freeze_encoder:
         model.bert.requires_grad_(False)
     model.to(device)
+    if cfg.freeze_encoder:  # a frozen encoder's features never change: compute them once
+        t0 = time.time()
+        for split in (*data.train.values(), *data.dev.values()):
+            cache_features(model, split, device=device, batch_size=cfg.eval_batch_size, precision=precision)
+        _say(f"frozen encoder: features of every train and dev row cached in {time.time() - t0:.1f}s")
 
-    # (4) optimizer over trainable parameters only (frozen weights keep no state)
+    # optimizer over trainable parameters only (frozen weights keep no state), schedule
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
     samplers = {t: TaskSampler(data.train[t].first.lengths, cfg.batch_size, cfg.seed, i, cfg.bucket)
                 for i, t in enumerate(cfg.tasks)}
     steps_per_epoch = cfg.steps_per_epoch or samplers[cfg.epoch_task].batches_per_epoch
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    warmup_steps = int(cfg.warmup * total_steps)
-    probs = task_probabilities(sizes, cfg.sampling, cfg.temperature)
     weights = {}
-    if cfg.class_weights and "sst" in cfg.tasks:
-        weights["sst"] = class_weights(data.train["sst"].labels, TASKS["sst"].num_classes).to(device)
-    surgery = None
+    if cfg.class_weights:
+        for task in cfg.class_weight_tasks:
+            if task in cfg.tasks:
+                weights[task] = class_weights(data.train[task].labels, get_task(task).num_classes).to(device)
+    combiner = None
     if cfg.combine == "pcgrad" and not cfg.freeze_encoder:
-        surgery = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
-                         reduction=cfg.pcgrad_reduction, seed=cfg.seed)
-    elif cfg.combine != "sum" and not cfg.freeze_encoder:  # any other method (issue 13)
-        surgery = aggregation.training_backward(cfg, model, optimizer, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        combiner = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
+                          reduction=cfg.pcgrad_reduction, seed=cfg.seed)
+    elif cfg.combine != "sum" and not cfg.freeze_encoder:  # every other method of mtbert.aggregation
+        combiner = aggregation.training_backward(cfg, model, optimizer, steps_per_epoch)
+    return Run(cfg=cfg, out=out, device=device, precision=precision, data_dir=data_dir, tokenizer=tokenizer,
+               data=data, model=model, trainable=trainable, optimizer=optimizer, samplers=samplers,
+               combiner=combiner, scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
+               class_weights=weights, task_probs=task_probabilities(sizes, cfg.sampling, cfg.temperature),
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               warmup_steps=int(cfg.warmup * total_steps))
 
-    # (5) resume: model, optimizer, RNG, samplers, step, best score
-    step, best_score, best_step = 0, -math.inf, None
-    if resume:
-        state = load_resume_state(out, model, optimizer, samplers, surgery)
-        step, best_score, best_step = state["step"], state["best_score"], state["best_step"]
-        _say(f"resumed from {out / 'last'} at step {step}/{total_steps}")
-    log = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
-    meta_base = {"model": model.config.to_dict(), "train": cfg.to_dict(),
-                 "tokenizer": {"lowercase": tokenizer.lowercase}}
 
-    def save_last() -> None:
-        tensors, info = ckpt.optimizer_to_files(optimizer)
-        tensors.update(ckpt.rng_to_tensors())
-        info.update({"step": step, "best_score": best_score, "best_step": best_step,
-                     "samplers": {t: s.state_dict() for t, s in samplers.items()},
-                     "pcgrad": surgery.state_dict() if surgery is not None else None})
+# ---------------------------------------------------------------- (6) one training step
 
-        def fill(folder: Path) -> None:
-            ckpt.save_model_files(folder, model, {**meta_base, "step": step}, tokenizer.vocab_path)
-            ckpt.save_training_state(folder, tensors, info)
-        ckpt.write_folder_atomically(out / "last", fill)
+@dataclass
+class StepResult:
+    losses: dict[str, float]  # task -> this step's loss (tasks drawn this step only)
+    lr: float  # the learning rate of the step
+    examples: int  # training examples in the step
+    # the combiner's statistics, when it ran: PCGrad's ConflictStats or an AggregationStats
+    stats: Optional[object] = None
 
-    def evaluate_dev() -> dict:
-        nonlocal best_score, best_step
-        metrics, _ = evaluate_tasks(model, data.dev, device=device, batch_size=cfg.eval_batch_size,
-                                    precision=precision)
+
+def set_learning_rate(run: Run) -> float:
+    """Warmup-then-decay schedule; returns the factor applied to cfg.lr."""
+    factor = lr_factor(run.step, run.total_steps, run.warmup_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.cfg.lr * factor
+    return factor
+
+
+def next_batches(run: Run) -> dict[str, TaskBatch]:
+    """This step's batch of each drawn task, on the device. (A data-parallel run would
+    take its rank's shard of each batch here.)"""
+    tasks = step_tasks(run.step, run.cfg.tasks, run.task_probs, run.cfg.seed, run.cfg.sampling)
+    return {t: run.data.train[t].batch(run.samplers[t].next()).to(run.device) for t in tasks}
+
+
+def forward_losses(run: Run, batches: dict[str, TaskBatch]) -> dict[str, torch.Tensor]:
+    """Each task's loss (with its regularizers) under the run's autocast."""
+    losses = {}
+    for task, batch in batches.items():
+        with autocast_context(run.device, run.precision):
+            losses[task] = compute_task_loss(run.model, task, batch, run.cfg, run.class_weights.get(task))
+    return losses
+
+
+def backward(run: Run, losses: dict[str, torch.Tensor]):
+    """Fill the parameters' .grad from the task losses: their sum, or the combiner's result
+    (PCGrad and the gradient methods combine the per-task gradients; the loss-weighting
+    methods weight the losses, then one backward). Returns the combiner's statistics (or None)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    combiner = run.combiner
+    if combiner is not None and len(losses) > 1:
+        per_task = [losses.get(t) for t in run.cfg.tasks]  # None: the task has no batch this step
+        if isinstance(combiner, aggregation.MultiTaskBackward) and not combiner.method.gradient_based:
+            total, stats = combiner.weighted_loss(per_task)  # weights of the unscaled losses
+            run.scaler.scale(total).backward()
+            return stats
+        return combiner.backward([run.scaler.scale(loss) if loss is not None else None for loss in per_task])
+    run.scaler.scale(sum(losses.values())).backward()
+    return None
+
+
+def clip_gradients(run: Run) -> None:
+    if run.cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.trainable, run.cfg.grad_clip)
+
+
+def optimizer_step(run: Run) -> None:
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.step += 1
+
+
+def train_step(run: Run) -> StepResult:
+    """One optimizer step, in four stages: forward losses -> backward (combine the task
+    gradients) -> clip -> optimizer step. Gradients are final between `backward` and
+    `clip_gradients`: the place for an all-reduce across data-parallel ranks."""
+    lr = run.cfg.lr * set_learning_rate(run)
+    batches = next_batches(run)
+    losses = forward_losses(run, batches)
+    stats = backward(run, losses)
+    clip_gradients(run)
+    optimizer_step(run)
+    return StepResult({t: float(v.detach()) for t, v in losses.items()}, lr,
+                      sum(b.size for b in batches.values()), stats)
+
+
+# ---------------------------------------------------------------- (6) evaluation, saving, logging
+
+def save_best(run: Run, metrics: dict, scores: dict) -> None:
+    ckpt.write_folder_atomically(run.out / "best", lambda folder: ckpt.save_model_files(
+        folder, run.model, {**run.checkpoint_meta(), "metrics": metrics, **scores}, run.tokenizer.vocab_path))
+
+
+def save_last(run: Run, evaluator: "Evaluator") -> None:
+    """The resume checkpoint: model, optimizer, RNG, samplers, step and best score."""
+    tensors, info = ckpt.optimizer_to_files(run.optimizer)
+    tensors.update(ckpt.rng_to_tensors())
+    info.update({"step": run.step, "best_score": evaluator.best_score, "best_step": evaluator.best_step,
+                 "samplers": {t: s.state_dict() for t, s in run.samplers.items()},
+                 "aggregation": run.combiner.state_dict() if run.combiner is not None else None})
+
+    def fill(folder: Path) -> None:
+        ckpt.save_model_files(folder, run.model, run.checkpoint_meta(), run.tokenizer.vocab_path)
+        ckpt.save_training_state(folder, tensors, info)
+    ckpt.write_folder_atomically(run.out / "last", fill)
+
+
+class Evaluator:
+    """Scores the dev data, logs the result, and keeps the best checkpoint by overall score."""
+
+    def __init__(self, log: MetricsLog, best_score: float = -math.inf, best_step: Optional[int] = None):
+        self.log = log
+        self.best_score = best_score
+        self.best_step = best_step
+
+    def __call__(self, run: Run) -> dict:
+        metrics, _ = evaluate_tasks(run.model, run.data.dev, device=run.device,
+                                    batch_size=run.cfg.eval_batch_size, precision=run.precision)
         scores = overall_scores(metrics)
-        log.write({"type": "eval", "split": "dev", "step": step, "epoch": step / steps_per_epoch,
-                   "metrics": metrics, **scores})
-        line = ", ".join(f"{t} {m.get('accuracy', m.get('pearson')):.4f}" for t, m in metrics.items())
-        improved = scores["overall"] > best_score
-        _say(f"step {step}: dev {line}; overall {scores['overall']:.4f}"
+        self.log.write({"type": "eval", "split": "dev", "step": run.step,
+                        "epoch": run.step / run.steps_per_epoch, "metrics": metrics, **scores})
+        line = ", ".join(f"{t} {m[get_task(t).headline_metric]:.4f}" for t, m in metrics.items())
+        improved = scores["overall"] > self.best_score
+        _say(f"step {run.step}: dev {line}; overall {scores['overall']:.4f}"
              + (" (best so far, saved)" if improved else ""))
         if improved:
-            best_score, best_step = scores["overall"], step
-            ckpt.write_folder_atomically(out / "best", lambda folder: ckpt.save_model_files(
-                folder, model, {**meta_base, "step": step, "metrics": metrics, **scores},
-                tokenizer.vocab_path))
+            self.best_score, self.best_step = scores["overall"], run.step
+            save_best(run, metrics, scores)
         return metrics
 
-    # (6) the loop: each step takes one batch per task, combines the losses, updates
-    model.train()
-    if cfg.freeze_encoder:
-        model.bert.eval()  # a frozen encoder is a fixed feature extractor: no dropout
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
-    window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
-    while step < total_steps:
-        factor = lr_factor(step, total_steps, warmup_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * factor
-        losses = {}
-        for task in step_tasks(step, cfg.tasks, probs, cfg.seed, cfg.sampling):
-            batch = data.train[task].batch(samplers[task].next()).to(device)
-            with autocast_context(device, precision):
-                losses[task] = compute_task_loss(model, task, batch, cfg, weights.get(task))
-            window["examples"] += batch.size
-            window["loss"][task].append(float(losses[task].detach()))
-        optimizer.zero_grad(set_to_none=True)
-        stats = None
-        if surgery is not None and len(losses) > 1:
-            stats = surgery.backward([scaler.scale(losses[t]) if t in losses else None
-                                      for t in cfg.tasks])
-        else:
-            scaler.scale(sum(losses.values())).backward()
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        step += 1
-        bar.update(1)
 
-        if step % cfg.log_every == 0 or step == total_steps:
-            elapsed = max(time.time() - window["time"], 1e-9)
-            mean_loss = {t: float(np.mean(v)) for t, v in window["loss"].items() if v}
-            record = {"type": "train", "step": step, "epoch": step / steps_per_epoch,
-                      "lr": cfg.lr * factor, "loss": mean_loss,
-                      "examples_per_s": window["examples"] / elapsed}
+class TrainLog:
+    """Training lines of metrics.jsonl: mean losses and throughput over each log window; the
+    combiner's statistics every step (PCGrad's conflicts under "pcgrad"; another method's
+    weights, and cosines for the gradient methods, under "aggregation")."""
+
+    def __init__(self, run: Run, log: MetricsLog):
+        self.run, self.log = run, log
+        self._reset()
+
+    def _reset(self) -> None:
+        self.examples, self.time = 0, time.time()
+        self.losses: dict[str, list[float]] = {t: [] for t in self.run.cfg.tasks}
+
+    def record(self, result: StepResult) -> Optional[dict]:
+        """Add one step; returns the mean losses when a log line was written."""
+        run = self.run
+        self.examples += result.examples
+        for task, value in result.losses.items():
+            self.losses[task].append(value)
+        stats = result.stats
+        key = "pcgrad" if run.cfg.combine == "pcgrad" else "aggregation"
+        if run.step % run.cfg.log_every == 0 or run.step == run.total_steps:
+            elapsed = max(time.time() - self.time, 1e-9)
+            mean_loss = {t: float(np.mean(v)) for t, v in self.losses.items() if v}
+            record = {"type": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
+                      "lr": result.lr,
+                      "loss": mean_loss, "examples_per_s": self.examples / elapsed}
             if stats is not None:
-                record["pcgrad" if cfg.combine == "pcgrad" else "aggregation"] = aggregation.log_fields(stats)
-            log.write(record)
-            bar.set_postfix({**{t: f"{v:.3f}" for t, v in mean_loss.items()},
-                             "ex/s": f"{record['examples_per_s']:.0f}"})
-            window = {"examples": 0, "time": time.time(), "loss": {t: [] for t in cfg.tasks}}
-        elif stats is not None:
+                record[key] = aggregation.log_fields(stats)
+            self.log.write(record)
+            self._reset()
+            return record
+        if stats is not None:
             # Conflict statistics are logged every step (they are cheap: a T x T matrix).
-            log.write({"type": "pcgrad" if cfg.combine == "pcgrad" else "aggregation", "step": step,
-                       **aggregation.log_fields(stats)})
+            self.log.write({"type": key, "step": run.step, **aggregation.log_fields(stats)})
+        return None
 
-        at_epoch_end = step % steps_per_epoch == 0
-        at_eval = cfg.eval_every is not None and step % cfg.eval_every == 0
-        if at_epoch_end or at_eval or step == total_steps:
-            evaluate_dev()
-            save_last()
-        elif step % cfg.save_every == 0:
-            save_last()
+
+def due(run: Run) -> tuple[bool, bool]:
+    """(evaluate now, save the resume checkpoint now) after the step just taken."""
+    step, cfg = run.step, run.cfg
+    evaluate = (step % run.steps_per_epoch == 0 or step == run.total_steps
+                or (cfg.eval_every is not None and step % cfg.eval_every == 0))
+    return evaluate, evaluate or step % cfg.save_every == 0
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run (or continue, with resume=True) the training described by cfg; returns the summary."""
+    run = build_run(cfg)
+    if not resume:
+        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl"))
+    else:
+        state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.combiner)
+        run.step = state["step"]
+        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl", resume_step=run.step),
+                              state["best_score"], state["best_step"])
+        _say(f"resumed from {run.out / 'last'} at step {run.step}/{run.total_steps}")
+    train_log = TrainLog(run, evaluator.log)
+
+    run.model.train()
+    if cfg.freeze_encoder:
+        run.model.bert.eval()  # a frozen encoder is a fixed feature extractor: no dropout
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not cfg.progress,
+               dynamic_ncols=True)
+    while run.step < run.total_steps:
+        result = train_step(run)
+        bar.update(1)
+        record = train_log.record(result)
+        if record is not None:
+            bar.set_postfix({**{t: f"{v:.3f}" for t, v in record["loss"].items()},
+                             "ex/s": f"{record['examples_per_s']:.0f}"})
+        evaluate, save = due(run)
+        if evaluate:
+            evaluator(run)
+        if save:
+            save_last(run, evaluator)
     bar.close()
 
     # (7) the best checkpoint, evaluated on the full dev split, with predictions
-    return finish_run(out, cfg, data_dir, device, precision, best_step, data)
+    return finish_run(run.out, cfg, run.data_dir, run.device, run.precision, evaluator.best_step, run.data)
 
 
 def compute_task_loss(model: MultitaskBert, task: str, batch, cfg: TrainConfig,
@@ -449,7 +629,7 @@ def compute_task_loss(model: MultitaskBert, task: str, batch, cfg: TrainConfig,
     return loss
 
 
-def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[PCGrad]) -> dict:
+def load_resume_state(out: Path, model, optimizer, samplers, combiner) -> dict:
     folder = ckpt.existing_folder(out / "last")
     if folder is None:
         raise ckpt.CheckpointError(f"nothing to resume: {out / 'last'} does not exist")
@@ -460,8 +640,10 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
     ckpt.rng_from_tensors(state_tensors)
     for task, sampler in samplers.items():
         sampler.load_state_dict(info["samplers"][task])
-    if surgery is not None and info.get("pcgrad"):
-        surgery.load_state_dict(info["pcgrad"])
+    # the combiner's state: "aggregation"; checkpoints written before it was named so say "pcgrad"
+    combiner_state = info.get("aggregation", info.get("pcgrad"))
+    if combiner is not None and combiner_state:
+        combiner.load_state_dict(combiner_state)
     return info
 
 
@@ -493,12 +675,16 @@ def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: s
 
 
 def config_from_sources(preset: Optional[str], file_values: dict, flag_values: dict) -> TrainConfig:
-    """defaults < preset < config file < flags given on the command line."""
+    """defaults < preset < config file < flags given on the command line (per entry for
+    mappings such as `dropout`)."""
     values: dict = {}
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
         values.update(PRESETS[preset])
-    values.update(file_values)
-    values.update(flag_values)
+    for source in (file_values, flag_values):
+        for key, value in source.items():
+            if isinstance(value, dict) and isinstance(values.get(key), dict):
+                value = {**values[key], **value}  # mappings (dropout per task) merge entry by entry
+            values[key] = value
     return TrainConfig.from_dict(values)
