@@ -506,6 +506,34 @@ def test_wrapper_sets_the_aggregated_gradient(method):
     assert "weights" in stats.to_log()
 
 
+@pytest.mark.parametrize("method", ["mgda", "cagrad"])
+def test_wrapper_sync_sees_the_buffer_before_the_method(method):
+    # The data-parallel hook: sync gets the (T, P) buffer of per-task gradients once it is
+    # full and may change it in place (an all-reduce sums it over ranks); the method's
+    # weights and the update come from the synced buffer. Here sync doubles task 0's row.
+    shared, heads, losses = tiny_problem()
+    seen = []
+
+    def sync(buffer):
+        seen.append(buffer.clone())
+        buffer[0] *= 2.0
+
+    mtb = agg.MultiTaskBackward(list(shared.parameters()), [list(h.parameters()) for h in heads], method,
+                                sync=sync)
+    ls = losses()
+    per_task = [torch.autograd.grad(l, list(shared.parameters()), retain_graph=True) for l in ls]
+    g = torch.stack([torch.cat([x.reshape(-1) for x in gs]) for gs in per_task])  # (T, P)
+    stats = mtb.backward(ls)
+    assert len(seen) == 1 and torch.allclose(seen[0], g, atol=1e-7)
+    synced = g.clone()
+    synced[0] *= 2.0
+    want, w = agg.aggregate(synced, method, return_weights=True)
+    assert np.allclose(stats.weights.numpy(), w, atol=1e-6)
+    got = torch.cat([p.grad.reshape(-1) for p in shared.parameters()])
+    assert rel_err(got, want) <= 1e-5
+    assert rel_err(want, agg.aggregate(g, method)) > 1e-3  # the sync did change the update
+
+
 def test_weighted_loss_is_for_loss_weighting_methods():
     shared, heads, losses = tiny_problem()
     params = [list(h.parameters()) for h in heads]

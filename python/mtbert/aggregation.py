@@ -771,6 +771,11 @@ class MultiTaskBackward:
     ``sum_i w_i L_i`` once (no per-task gradients; UW's log-variances get their gradient:
     add ``parameters()`` to the optimizer; :meth:`weighted_loss` gives that sum without the
     backward, for a loop that scales the loss first).
+
+    ``sync``, when given (as for :class:`mtbert.pcgrad.PCGrad`), is called on the (T, P)
+    buffer once every task's gradient is in it, before the Gram matrix, and may change it
+    in place: multi-process training sums it over ranks there, so every rank aggregates
+    the global per-task gradients and takes the same update.
     """
 
     def __init__(
@@ -780,8 +785,10 @@ class MultiTaskBackward:
         method: Union[str, Method] = "mean",
         *,
         num_tasks: Optional[int] = None,
+        sync: Optional[Callable[[Tensor], None]] = None,
         **options,
     ):
+        self.sync = sync  # sums the (T, P) buffer over ranks before the Gram matrix (multi-process)
         self.method = make_method(method, **options) if isinstance(method, str) else method
         if isinstance(self.method, UW) and num_tasks is not None and self.method.log_vars is None:
             self.method._build(num_tasks)
@@ -858,6 +865,8 @@ class MultiTaskBackward:
                         view.copy_(g.to_dense() if g.is_sparse else g)
             for p, g in zip(heads, grads[S:]):
                 p.grad = g
+        if self.sync is not None:  # multi-process: the method sees the global per-task gradients
+            self.sync(self.buffer)
         G = gram(self.buffer)
         w = _method_weights(self.method, G)
         combine(self.buffer, w, out=self.result)
@@ -926,11 +935,12 @@ def method_from_config(cfg, steps_per_epoch: int = 1) -> Method:
     return make_method(cfg.combine, **options)
 
 
-def training_backward(cfg, model, optimizer, steps_per_epoch: int) -> MultiTaskBackward:
+def training_backward(cfg, model, optimizer, steps_per_epoch: int, *,
+                      sync: Optional[Callable[[Tensor], None]] = None) -> MultiTaskBackward:
     """The wrapper for ``cfg.combine`` on a MultitaskBert; the method's own parameters (UW)
-    join ``optimizer`` as a group without weight decay."""
+    join ``optimizer`` as a group without weight decay. ``sync``: see MultiTaskBackward."""
     mtb = MultiTaskBackward(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
-                            method_from_config(cfg, steps_per_epoch))
+                            method_from_config(cfg, steps_per_epoch), sync=sync)
     if mtb.parameters():
         optimizer.add_param_group({"params": mtb.parameters(), "weight_decay": 0.0})
     return mtb
