@@ -882,27 +882,31 @@ class MultiTaskBackward:
 
     def _loss_weighting(self, losses: list) -> AggregationStats:
         total, stats = self.weighted_loss(losses)
+        if total is None:
+            raise ValueError("no loss tensor to backward")
         total.backward()
         return stats
 
-    def weighted_loss(self, losses: Sequence[Optional[Tensor]]) -> tuple[Tensor, AggregationStats]:
+    def weighted_loss(self, losses: Sequence[Optional[Tensor]]) -> tuple[Optional[Tensor], AggregationStats]:
         """Loss-weighting methods: the differentiable ``sum_i w_i L_i`` (UW's with its
         log-variance terms) and this step's stats, advancing the method's state; a ``None``
-        loss is a task without a batch this step."""
+        loss is a task without a batch this step. Without any loss the total is None and
+        the state still advances (a data-parallel rank without examples keeps in step)."""
         if self.method.gradient_based:
             raise ValueError(f"{self.method.name} combines per-task gradients: call backward()")
         losses = list(losses)
         present = [l for l in losses if isinstance(l, Tensor)]
-        if not present:
-            raise ValueError("no loss tensor to backward")
         values = [float(l.detach()) if isinstance(l, Tensor) else None for l in losses]
         if isinstance(self.method, UW):
+            if not present:
+                raise ValueError("no loss tensor to backward")
             zero = present[0].new_zeros(())
             total = self.method.weighted_loss([l if isinstance(l, Tensor) else zero for l in losses])
             w = self.method.loss_weights(values)
         else:
             w = self.method.loss_weights(values)
-            total = sum(float(wi) * l for wi, l in zip(w, losses) if isinstance(l, Tensor))
+            terms = [float(wi) * l for wi, l in zip(w, losses) if isinstance(l, Tensor)]
+            total = sum(terms) if terms else None
         return total, AggregationStats.build(self.method.name, w, None)
 
 

@@ -15,6 +15,7 @@ from . import train as training
 from .ablation import GRIDS, run_grid
 from .checkpoint import CheckpointError, read_meta, write_json
 from .data import DataDirError, DataFormatError, resolve_data_dir
+from .distributed import DistributedError
 from .evaluate import format_table
 from .export import export_checkpoint
 from .inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
@@ -247,7 +248,8 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
         cfg = build_train_config(ctx, params, preset, config_file)
     try:
         train(cfg, resume=resume_dir is not None)
-    except (DataDirError, DataFormatError, ModelFolderError, CheckpointError, ValueError) as exc:
+    except (DataDirError, DataFormatError, ModelFolderError, CheckpointError, ValueError,
+            DistributedError) as exc:
         _fail(exc)
 
 

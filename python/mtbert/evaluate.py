@@ -27,42 +27,38 @@ def autocast_context(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def predict_split(model: MultitaskBert, data: EncodedSplit, *, device: torch.device,
-                  batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
-    """Predictions for every row of `data`, in the split's original order."""
+def _every_row(model: MultitaskBert, data: EncodedSplit, compute, *, device: torch.device,
+               batch_size: int, precision: str) -> Optional[torch.Tensor]:
+    """`compute(batch)` for every row of `data`, in eval mode, in the split's original order."""
     was_training = model.training
     model.eval()
-    preds: Optional[np.ndarray] = None
+    rows: Optional[torch.Tensor] = None
     try:
         for idx, batch in eval_batches(data, batch_size):
             with autocast_context(device, precision):
-                out = model.predict(data.task, batch.to(device)).float().cpu().numpy()
-            if preds is None:
-                preds = np.zeros(len(data), dtype=out.dtype)
-            preds[idx] = out
+                out = compute(batch.to(device))
+            if rows is None:
+                rows = out.new_empty((len(data), *out.shape[1:]))
+            rows[torch.from_numpy(idx).to(out.device)] = out
     finally:
         model.train(was_training)
-    return preds if preds is not None else np.zeros(0)
+    return rows
 
 
-@torch.no_grad()
+def predict_split(model: MultitaskBert, data: EncodedSplit, *, device: torch.device,
+                  batch_size: int = 64, precision: str = "fp32") -> np.ndarray:
+    """Predictions for every row of `data`, in the split's original order."""
+    preds = _every_row(model, data, lambda batch: model.predict(data.task, batch).float(),
+                       device=device, batch_size=batch_size, precision=precision)
+    return preds.cpu().numpy() if preds is not None else np.zeros(0, dtype=np.float32)
+
+
 def cache_features(model: MultitaskBert, data: EncodedSplit, *, device: torch.device,
                    batch_size: int = 64, precision: str = "fp32") -> None:
     """Store in `data.features` what the (frozen) encoder gives every row: a frozen run then
     trains and evaluates its heads without running the encoder again each epoch."""
-    was_training = model.training
-    model.eval()
-    features: Optional[torch.Tensor] = None
-    try:
-        for idx, batch in eval_batches(data, batch_size):
-            with autocast_context(device, precision):
-                out = model.features(data.task, batch.to(device))
-            if features is None:
-                features = out.new_empty((len(data), out.shape[-1]))
-            features[torch.from_numpy(idx).to(out.device)] = out
-    finally:
-        model.train(was_training)
-    data.features = features
+    data.features = _every_row(model, data, lambda batch: model.features(data.task, batch),
+                               device=device, batch_size=batch_size, precision=precision)
 
 
 def evaluate_tasks(model: MultitaskBert, datasets: dict[str, EncodedSplit], *, device: torch.device,

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -400,7 +400,9 @@ class PCGrad:
 
     Parameters with ``requires_grad=False`` are left out (and their ``.grad`` untouched).
     ``num_tasks`` sizes the buffer when ``task_params`` is not given; without either the
-    buffer is allocated at the first ``backward``.
+    buffer is allocated at the first ``backward``. ``sync``, when given, is called on the
+    (T, P) buffer between steps 1 and 2 and may change it in place: multi-process training
+    sums it over ranks there (``mtbert.distributed``), so the surgery sees global gradients.
     """
 
     def __init__(
@@ -413,7 +415,9 @@ class PCGrad:
         eps: float = 1e-12,
         backend: str = "auto",
         num_tasks: Optional[int] = None,
+        sync: Optional[Callable[[Tensor], None]] = None,
     ):
+        self.sync = sync  # sums the (T, P) buffer over ranks before the surgery (mtbert.distributed)
         self.shared = _trainable(shared_params, "shared_params")
         if not self.shared:
             raise ValueError("shared_params holds no parameter with requires_grad=True")
@@ -513,6 +517,9 @@ class PCGrad:
                         view.copy_(g.to_dense() if g.is_sparse else g)
             for p, g in zip(heads, grads[S:]):
                 p.grad = g
+
+        if self.sync is not None:  # multi-process: the surgery sees the global per-task gradients
+            self.sync(self.buffer)
 
         # 2. The surgery, into the result buffer.
         orders = self.draw_orders(T)

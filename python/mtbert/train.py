@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .batches import EncodedSplit, TaskBatch, TaskSampler, encode_split
 from .data import load_split, resolve_data_dir
 from .inference import load_checkpoint, predict_files
@@ -41,6 +42,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
 PCGRAD_REDUCTIONS = ("sum", "mean")
 SMART_NORMS = ("linf", "l2")
+# DWA weighs each rank's own losses and UW's log-variances train outside the gradient
+# all-reduce: under torchrun their weights would differ between the ranks.
+SINGLE_PROCESS_COMBINES = ("uw", "dwa")
 # Every TrainConfig field with a fixed set of values: the CLI's choices come from here.
 CHOICES: dict[str, tuple[str, ...]] = {
     "combine": COMBINES, "pcgrad_reduction": PCGRAD_REDUCTIONS, "aligned_scale": aggregation.ALIGNED_SCALES,
@@ -264,6 +268,13 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
 
 
+class DiscardedLog:
+    """The metrics log of ranks other than 0 under torchrun: rank 0 alone writes metrics.jsonl."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+
 def build_model_config(cfg: TrainConfig, encoder_config: dict) -> MultitaskConfig:
     heads = {}
     for task in cfg.tasks:
@@ -301,7 +312,8 @@ def load_run_data(cfg: TrainConfig, tokenizer: WordPieceTokenizer, data_dir: Pat
 
 
 def _say(msg: str) -> None:
-    tqdm.write(msg)
+    if distributed.is_main():  # [ddp] console output from rank 0 only
+        tqdm.write(msg)
 
 
 # ---------------------------------------------------------------- (2-5) building the run
@@ -330,7 +342,12 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
+    dist: distributed.Context  # the process group (a single process: rank 0 of 1, no collectives)
+    global_batch: int  # examples per task and step over all ranks (the samplers' batch size)
     step: int = 0  # optimizer steps taken
+    # this step's factor on each task's loss on this rank: its share of the global batch (set
+    # by next_batches; multi-process only, so that the sum over ranks is the global mean)
+    loss_shares: dict[str, float] = field(default_factory=dict)
 
     def checkpoint_meta(self) -> dict:
         """What every checkpoint of the run says about itself (model, training, tokenizer)."""
@@ -338,12 +355,19 @@ class Run:
                 "tokenizer": self.tokenizer.settings(), "step": self.step}
 
 
-def build_run(cfg: TrainConfig) -> Run:
+def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
     """Data, model, optimizer, samplers and schedule for `cfg` (the RNG use is fixed by the
-    seed: the same cfg builds the same run)."""
+    seed: the same cfg builds the same run). Under torchrun, joins the process group first;
+    `resume` keeps the global batch saved in the run's resume checkpoint."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = pick_device(cfg.device)
+    launched = distributed.env_context()  # (rank, world size, local rank) under torchrun, else None
+    if launched is not None and launched[1] > 1 and cfg.combine in SINGLE_PROCESS_COMBINES:
+        raise ValueError(f"--combine {cfg.combine} runs in one process only (under torchrun its weights "
+                         f"would differ between the ranks)")
+    dist = distributed.init(cfg.device)  # [ddp] joins the process group under torchrun
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = dist.device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
 
@@ -375,12 +399,20 @@ def build_run(cfg: TrainConfig) -> Run:
         for split in (*data.train.values(), *data.dev.values()):
             cache_features(model, split, device=device, batch_size=cfg.eval_batch_size, precision=precision)
         _say(f"frozen encoder: features of every train and dev row cached in {time.time() - t0:.1f}s")
+    dist.seed_dropout(cfg.seed)  # [ddp] per-rank dropout masks (rank 0 keeps the seed)
 
     # optimizer over trainable parameters only (frozen weights keep no state), schedule
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    samplers = {t: TaskSampler(data.train[t].first.lengths, cfg.batch_size, cfg.seed, i, cfg.bucket)
+    # [ddp] samplers draw GLOBAL batches (the same on every rank); next_batches takes this rank's slice
+    global_batch, world_note = distributed.global_batch(dist, cfg.batch_size, out if resume else None)
+    samplers = {t: TaskSampler(data.train[t].first.lengths, global_batch, cfg.seed, i, cfg.bucket)
                 for i, t in enumerate(cfg.tasks)}
+    if dist.active:
+        _say(f"{dist.world_size} rank(s) ({dist.backend}): global batch {global_batch} per task and step, "
+             f"{cfg.batch_size} per rank")
+    if world_note:
+        _say(world_note)
     steps_per_epoch = cfg.steps_per_epoch or samplers[cfg.epoch_task].batches_per_epoch
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     weights = {}
@@ -389,17 +421,18 @@ def build_run(cfg: TrainConfig) -> Run:
             if task in cfg.tasks:
                 weights[task] = class_weights(data.train[task].labels, get_task(task).num_classes).to(device)
     combiner = None
+    sync = distributed.task_gradient_sync(dist)  # [ddp] sums the (T, P) buffer over ranks before combining
     if cfg.combine == "pcgrad" and not cfg.freeze_encoder:
         combiner = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
-                          reduction=cfg.pcgrad_reduction, seed=cfg.seed)
+                          reduction=cfg.pcgrad_reduction, seed=cfg.seed, sync=sync)
     elif cfg.combine != "sum" and not cfg.freeze_encoder:  # every other method of mtbert.aggregation
-        combiner = aggregation.training_backward(cfg, model, optimizer, steps_per_epoch)
+        combiner = aggregation.training_backward(cfg, model, optimizer, steps_per_epoch, sync=sync)
     return Run(cfg=cfg, out=out, device=device, precision=precision, data_dir=data_dir, tokenizer=tokenizer,
                data=data, model=model, trainable=trainable, optimizer=optimizer, samplers=samplers,
                combiner=combiner, scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
                class_weights=weights, task_probs=task_probabilities(sizes, cfg.sampling, cfg.temperature),
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               warmup_steps=int(cfg.warmup * total_steps))
+               warmup_steps=int(cfg.warmup * total_steps), dist=dist, global_batch=global_batch)
 
 
 # ---------------------------------------------------------------- (6) one training step
@@ -421,11 +454,24 @@ def set_learning_rate(run: Run) -> float:
     return factor
 
 
+def drawn_tasks(run: Run) -> list[str]:
+    """The tasks of this step (the same on every rank)."""
+    return step_tasks(run.step, run.cfg.tasks, run.task_probs, run.cfg.seed, run.cfg.sampling)
+
+
 def next_batches(run: Run) -> dict[str, TaskBatch]:
-    """This step's batch of each drawn task, on the device. (A data-parallel run would
-    take its rank's shard of each batch here.)"""
-    tasks = step_tasks(run.step, run.cfg.tasks, run.task_probs, run.cfg.seed, run.cfg.sampling)
-    return {t: run.data.train[t].batch(run.samplers[t].next()).to(run.device) for t in tasks}
+    """This step's batch of each drawn task, on the device. Under torchrun: this rank's slice
+    of each global batch (a task whose global batch has fewer examples than there are ranks
+    leaves some ranks without a batch), and `run.loss_shares` says each slice's share."""
+    batches = {}
+    run.loss_shares = {}
+    for task in drawn_tasks(run):
+        global_idx = run.samplers[task].next()
+        idx = run.dist.shard(global_idx)  # [ddp] this rank's slice (all of it in one process)
+        run.loss_shares[task] = run.dist.loss_weight(len(idx), len(global_idx))
+        if len(idx):
+            batches[task] = run.data.train[task].batch(idx).to(run.device)
+    return batches
 
 
 def forward_losses(run: Run, batches: dict[str, TaskBatch]) -> dict[str, torch.Tensor]:
@@ -434,7 +480,15 @@ def forward_losses(run: Run, batches: dict[str, TaskBatch]) -> dict[str, torch.T
     for task, batch in batches.items():
         with autocast_context(run.device, run.precision):
             losses[task] = compute_task_loss(run.model, task, batch, run.cfg, run.class_weights.get(task))
+        if run.dist.world_size > 1:  # [ddp] weighted by the slice's share: the sum over ranks is the mean
+            losses[task] = losses[task] * run.loss_shares[task]
     return losses
+
+
+def combines_gradients(combiner) -> bool:
+    """PCGrad and the gradient methods combine the per-task gradients; the loss-weighting
+    methods (mean, uw, dwa, rlw) weight the losses."""
+    return not isinstance(combiner, aggregation.MultiTaskBackward) or combiner.method.gradient_based
 
 
 def backward(run: Run, losses: dict[str, torch.Tensor]):
@@ -443,14 +497,17 @@ def backward(run: Run, losses: dict[str, torch.Tensor]):
     methods weight the losses, then one backward). Returns the combiner's statistics (or None)."""
     run.optimizer.zero_grad(set_to_none=True)
     combiner = run.combiner
-    if combiner is not None and len(losses) > 1:
-        per_task = [losses.get(t) for t in run.cfg.tasks]  # None: the task has no batch this step
-        if isinstance(combiner, aggregation.MultiTaskBackward) and not combiner.method.gradient_based:
+    # [ddp] combine or not: decided by the step's tasks, the same on every rank (a rank may lack a slice)
+    if combiner is not None and len(drawn_tasks(run)) > 1:
+        per_task = [losses.get(t) for t in run.cfg.tasks]  # None: no batch of the task this step
+        if not combines_gradients(combiner):
             total, stats = combiner.weighted_loss(per_task)  # weights of the unscaled losses
-            run.scaler.scale(total).backward()
+            if total is not None:  # [ddp] a rank without any example adds zeros to the sum over ranks
+                run.scaler.scale(total).backward()
             return stats
         return combiner.backward([run.scaler.scale(loss) if loss is not None else None for loss in per_task])
-    run.scaler.scale(sum(losses.values())).backward()
+    if losses:  # [ddp] a rank without any example this step adds zeros to the sum over ranks
+        run.scaler.scale(sum(losses.values())).backward()
     return None
 
 
@@ -468,21 +525,27 @@ def optimizer_step(run: Run) -> None:
 
 def train_step(run: Run) -> StepResult:
     """One optimizer step, in four stages: forward losses -> backward (combine the task
-    gradients) -> clip -> optimizer step. Gradients are final between `backward` and
-    `clip_gradients`: the place for an all-reduce across data-parallel ranks."""
+    gradients) -> clip -> optimizer step. Under torchrun the gradients are summed over the
+    ranks between `backward` and `clip_gradients`."""
     lr = run.cfg.lr * set_learning_rate(run)
     batches = next_batches(run)
     losses = forward_losses(run, batches)
     stats = backward(run, losses)
+    # [ddp] the exact sum over ranks; a gradient combiner's shared gradients were summed before it ran
+    summed = run.combiner.shared if stats is not None and combines_gradients(run.combiner) else ()
+    distributed.sum_gradients(run.trainable, already_summed=summed)
     clip_gradients(run)
     optimizer_step(run)
-    return StepResult({t: float(v.detach()) for t, v in losses.items()}, lr,
+    # [ddp] every task of the step gets a loss (0.0 on a rank without its slice): the logs sum over ranks
+    return StepResult({t: float(losses[t].detach()) if t in losses else 0.0 for t in run.loss_shares}, lr,
                       sum(b.size for b in batches.values()), stats)
 
 
 # ---------------------------------------------------------------- (6) evaluation, saving, logging
 
 def save_best(run: Run, metrics: dict, scores: dict) -> None:
+    if not run.dist.is_main:  # [ddp] rank 0 alone writes checkpoints
+        return
     ckpt.write_folder_atomically(run.out / "best", lambda folder: ckpt.save_model_files(
         folder, run.model, {**run.checkpoint_meta(), "metrics": metrics, **scores}, run.tokenizer.vocab_path))
 
@@ -491,6 +554,10 @@ def save_last(run: Run, evaluator: "Evaluator") -> None:
     """The resume checkpoint: model, optimizer, RNG, samplers, step and best score."""
     tensors, info = ckpt.optimizer_to_files(run.optimizer)
     tensors.update(ckpt.rng_to_tensors())
+    tensors.update(run.dist.gather_rng())  # [ddp] collective: every rank's RNG state
+    if not run.dist.is_main:  # [ddp] rank 0 alone writes checkpoints
+        return
+    info.update({"global_batch": run.global_batch, "world_size": run.dist.world_size})
     info.update({"step": run.step, "best_score": evaluator.best_score, "best_step": evaluator.best_step,
                  "samplers": {t: s.state_dict() for t, s in run.samplers.items()},
                  "aggregation": run.combiner.state_dict() if run.combiner is not None else None})
@@ -510,8 +577,9 @@ class Evaluator:
         self.best_step = best_step
 
     def __call__(self, run: Run) -> dict:
-        metrics, _ = evaluate_tasks(run.model, run.data.dev, device=run.device,
-                                    batch_size=run.cfg.eval_batch_size, precision=run.precision)
+        # [ddp] batches dealt over the ranks; every rank gets all metrics
+        metrics, _ = distributed.evaluate_tasks(run.dist, run.model, run.data.dev, device=run.device,
+                                                batch_size=run.cfg.eval_batch_size, precision=run.precision)
         scores = overall_scores(metrics)
         self.log.write({"type": "eval", "split": "dev", "step": run.step,
                         "epoch": run.step / run.steps_per_epoch, "metrics": metrics, **scores})
@@ -547,6 +615,8 @@ class TrainLog:
         stats = result.stats
         key = "pcgrad" if run.cfg.combine == "pcgrad" else "aggregation"
         if run.step % run.cfg.log_every == 0 or run.step == run.total_steps:
+            # [ddp] collective: the global per-step losses and example count
+            self.losses, self.examples = run.dist.sum_window(self.losses, self.examples)
             elapsed = max(time.time() - self.time, 1e-9)
             mean_loss = {t: float(np.mean(v)) for t, v in self.losses.items() if v}
             record = {"type": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
@@ -575,22 +645,24 @@ def due(run: Run) -> tuple[bool, bool]:
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     """Run (or continue, with resume=True) the training described by cfg; returns the summary."""
-    run = build_run(cfg)
+    run = build_run(cfg, resume=resume)
+    main = run.dist.is_main  # [ddp] rank 0 alone writes metrics.jsonl
     if not resume:
-        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl"))
+        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl") if main else DiscardedLog())
     else:
         state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.combiner)
         run.step = state["step"]
-        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl", resume_step=run.step),
-                              state["best_score"], state["best_step"])
+        run.dist.restore_rng(state["rng_tensors"], cfg.seed, run.step)  # [ddp] each rank's own RNG
+        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl", resume_step=run.step) if main
+                              else DiscardedLog(), state["best_score"], state["best_step"])
         _say(f"resumed from {run.out / 'last'} at step {run.step}/{run.total_steps}")
     train_log = TrainLog(run, evaluator.log)
 
     run.model.train()
     if cfg.freeze_encoder:
         run.model.bert.eval()  # a frozen encoder is a fixed feature extractor: no dropout
-    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step", disable=not cfg.progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
+               disable=not (cfg.progress and run.dist.is_main), dynamic_ncols=True)  # [ddp] rank 0's bar
     while run.step < run.total_steps:
         result = train_step(run)
         bar.update(1)
@@ -604,6 +676,9 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if save:
             save_last(run, evaluator)
     bar.close()
+    digest = distributed.verify_identical(run.dist, run.model)  # [ddp] all ranks hold the same weights
+    if digest:
+        _say(f"weights bitwise identical on all {run.dist.world_size} rank(s) (sha256 {digest})")
 
     # (7) the best checkpoint, evaluated on the full dev split, with predictions
     return finish_run(run.out, cfg, run.data_dir, run.device, run.precision, evaluator.best_step, run.data)
@@ -638,6 +713,7 @@ def load_resume_state(out: Path, model, optimizer, samplers, combiner) -> dict:
     state_tensors, info = ckpt.load_training_state(folder)
     ckpt.optimizer_from_files(optimizer, state_tensors, info)
     ckpt.rng_from_tensors(state_tensors)
+    info["rng_tensors"] = {k: v for k, v in state_tensors.items() if k.startswith("rng.rank")}  # [ddp]
     for task, sampler in samplers.items():
         sampler.load_state_dict(info["samplers"][task])
     # the combiner's state: "aggregation"; checkpoints written before it was named so say "pcgrad"
@@ -649,6 +725,8 @@ def load_resume_state(out: Path, model, optimizer, samplers, combiner) -> dict:
 
 def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: str, best_step,
                data: RunData) -> dict:
+    if not distributed.is_main():  # [ddp] rank 0 alone evaluates the best checkpoint and writes files
+        return {}
     model, meta, tokenizer = load_checkpoint(out / "best", device=device)
     if cfg.predict:
         metrics = predict_files(model, tokenizer, meta, cfg.tasks, "dev", data_dir, out, device=device,
