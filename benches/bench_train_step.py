@@ -39,8 +39,8 @@ def inline_step(run) -> float:
             losses[task] = compute_task_loss(run.model, task, batch, cfg, run.class_weights.get(task))
         float(losses[task].detach())
     run.optimizer.zero_grad(set_to_none=True)
-    if run.surgery is not None and len(losses) > 1:
-        run.surgery.backward([run.scaler.scale(losses[t]) if t in losses else None for t in cfg.tasks])
+    if run.combiner is not None and len(losses) > 1:
+        run.combiner.backward([run.scaler.scale(losses[t]) if t in losses else None for t in cfg.tasks])
     else:
         run.scaler.scale(sum(losses.values())).backward()
     if cfg.grad_clip > 0:

@@ -4,6 +4,7 @@
 //! checks them without linking libpython. `py` is the only file that touches
 //! pyo3; it is compiled only with the `python` feature (which maturin enables).
 
+pub mod gram;
 pub mod pcgrad;
 pub mod pool;
 pub mod wordpiece;

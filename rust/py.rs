@@ -8,7 +8,8 @@
 //! [`NativeError`] is the one error type; its variant is the exception raised
 //! (`ValueError`, `TypeError`, `MemoryError`; a Rust panic, which would be a bug,
 //! becomes `RuntimeError`). Allocations sized by a caller's numbers are fallible, thread
-//! counts are at most `pool::MAX_THREADS`, PCGrad task counts at most `pcgrad::MAX_TASKS`.
+//! counts are at most `pool::MAX_THREADS`, task counts (PCGrad, `gram`, `combine`) at most
+//! `gram::MAX_TASKS`.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -49,8 +50,9 @@ impl From<PyErr> for NativeError {
     }
 }
 
-impl From<crate::pcgrad::PcgradError> for NativeError {
-    fn from(e: crate::pcgrad::PcgradError) -> Self {
+/// The Gram engine's errors (PCGrad's included: `pcgrad::PcgradError` is this type).
+impl From<crate::gram::GradError> for NativeError {
+    fn from(e: crate::gram::GradError) -> Self {
         NativeError::Value(e.to_string())
     }
 }
@@ -366,6 +368,134 @@ mod pcgrad_binding {
         Ok((to_array(gram)?, to_array(cos)?))
     }
 
+    // ==== Gram engine binding (owned by the multi-task methods work, issue 13) ====
+    // The two P-sized passes every method in `mtbert.aggregation` runs: `gram` and
+    // `combine`. Nested here so it calls the helpers above as they are.
+    mod engine_binding {
+        use super::{
+            byte_range, checked_array, detached, overlaps, threads_arg, value, NativeResult,
+        };
+        use crate::gram::{self as engine, GradError};
+        use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+        use pyo3::prelude::*;
+
+        /// The (T, T) float64 Gram matrix of the (T, P) float32 `grads`; see `_native.pyi`.
+        #[pyfunction]
+        #[pyo3(signature = (grads, *, num_threads=None))]
+        fn gram<'py>(
+            py: Python<'py>,
+            grads: &Bound<'py, PyAny>,
+            num_threads: Option<&Bound<'py, PyAny>>,
+        ) -> NativeResult<Bound<'py, PyArray2<f64>>> {
+            let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
+            let tasks = untyped.shape()[0];
+            engine::check_tasks(tasks)?; // before anything T x T is allocated
+            let threads = threads_arg(num_threads)?;
+            let ro = untyped
+                .cast::<PyArray2<f32>>()
+                .map_err(PyErr::from)?
+                .try_readonly()
+                .map_err(|e| value(format!("grads: {e}")))?;
+            let slice = ro.as_slice().map_err(|e| value(e.to_string()))?;
+            let g = detached(py, "gram", || engine::gram(slice, tasks, threads))??;
+            Ok(PyArray1::from_vec(py, g).reshape([tasks, tasks])?)
+        }
+
+        /// The T float64 `weights`, any real array-like holding exactly T values.
+        fn checked_weights(
+            py: Python<'_>,
+            weights: &Bound<'_, PyAny>,
+            tasks: usize,
+        ) -> NativeResult<Vec<f64>> {
+            let bad = |e: PyErr| {
+                value(format!(
+                    "weights must be {tasks} real numbers (shape ({tasks},)): {e}"
+                ))
+            };
+            let np = py.import("numpy")?;
+            let arr = np.call_method1("asarray", (weights,)).map_err(bad)?;
+            // A cast to float64 would drop the imaginary part with only a warning.
+            if arr.getattr("dtype")?.getattr("kind")?.extract::<String>()? == "c" {
+                return Err(value(format!(
+                    "weights must be {tasks} real numbers, got dtype {}",
+                    arr.getattr("dtype")?
+                )));
+            }
+            let arr = np.call_method1("asarray", (arr, "float64")).map_err(bad)?;
+            let size: usize = arr.getattr("size")?.extract()?;
+            if size != tasks {
+                return Err(GradError::WeightsLength {
+                    expected: tasks,
+                    got: size,
+                }
+                .into());
+            }
+            Ok(arr
+                .call_method1("reshape", (-1,))
+                .and_then(|a| a.call_method0("tolist"))
+                .and_then(|a| a.extract())
+                .map_err(bad)?)
+        }
+
+        /// `sum_k weights[k] * grads[k]` of the (T, P) float32 `grads`; see `_native.pyi`.
+        #[pyfunction]
+        #[pyo3(signature = (grads, weights, *, out=None, num_threads=None))]
+        fn combine<'py>(
+            py: Python<'py>,
+            grads: &Bound<'py, PyAny>,
+            weights: &Bound<'py, PyAny>,
+            out: Option<&Bound<'py, PyAny>>,
+            num_threads: Option<&Bound<'py, PyAny>>,
+        ) -> NativeResult<Bound<'py, PyAny>> {
+            let untyped = checked_array::<f32>(grads, "grads", 2, "(T, P)", "float32")?;
+            let (tasks, p) = (untyped.shape()[0], untyped.shape()[1]);
+            engine::check_tasks(tasks)?;
+            let threads = threads_arg(num_threads)?;
+            let weights = checked_weights(py, weights, tasks)?;
+            let grads_arr = untyped.cast::<PyArray2<f32>>().map_err(PyErr::from)?;
+            let out_arr: Bound<'py, PyArray1<f32>> = match out {
+                Some(out) => {
+                    let shape = format!("({p},)");
+                    checked_array::<f32>(out, "out", 1, &shape, "float32")?;
+                    let out = out.cast::<PyArray1<f32>>().map_err(PyErr::from)?.clone();
+                    if out.len() != p {
+                        return Err(GradError::OutLength {
+                            expected: p,
+                            got: out.len(),
+                        }
+                        .into());
+                    }
+                    if p > 0 && overlaps(&byte_range(&out), &byte_range(grads_arr)) {
+                        return Err(value("out must not overlap grads"));
+                    }
+                    out
+                }
+                None => PyArray1::<f32>::zeros(py, p, false),
+            };
+            let grads_ro = grads_arr
+                .try_readonly()
+                .map_err(|e| value(format!("grads: {e}")))?;
+            let mut out_rw = out_arr
+                .try_readwrite()
+                .map_err(|e| value(format!("out: {e}")))?;
+            let grads_slice = grads_ro.as_slice().map_err(|e| value(e.to_string()))?;
+            let out_slice = out_rw.as_slice_mut().map_err(|e| value(e.to_string()))?;
+            detached(py, "combine", || {
+                engine::combine_into(grads_slice, tasks, &weights, out_slice, threads)
+            })??;
+            drop(out_rw);
+            Ok(out_arr.into_any())
+        }
+
+        pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+            m.add_function(wrap_pyfunction!(gram, m)?)?;
+            m.add_function(wrap_pyfunction!(combine, m)?)?;
+            Ok(())
+        }
+    }
+    pub use engine_binding::register as register_engine;
+    // ==== end Gram engine binding ====
+
     pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(pcgrad, m)?)?;
         m.add_function(wrap_pyfunction!(gradient_stats, m)?)?;
@@ -611,6 +741,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // ==== PCGrad registrations ====
     pcgrad_binding::register(m)?;
     // ==== end PCGrad registrations ====
+    // ==== Gram engine registrations (issue 13) ====
+    pcgrad_binding::register_engine(m)?;
+    // ==== end Gram engine registrations ====
     // ==== WordPiece registrations ====
     m.add_class::<wordpiece_binding::PyWordPiece>()?;
     // ==== end WordPiece registrations ====

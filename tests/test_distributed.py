@@ -181,7 +181,9 @@ def test_pcgrad_buffer_memory():
 
 # ---------------------------------------------------------------- 2 ranks against 1 process
 
-@pytest.mark.parametrize("combine", ["sum", "pcgrad"])
+# mgda: a gradient method of mtbert.aggregation (its buffer synced like PCGrad's); rlw: loss
+# weighting, the same random weights on every rank
+@pytest.mark.parametrize("combine", ["sum", "pcgrad", "mgda", "rlw"])
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_model_dir, data_dir,
                                                            combine):
     one = tiny_config(tmp_path / "one", no_dropout_model_dir, data_dir, combine=combine, **EXACT)
@@ -205,11 +207,32 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_m
         ca = [r["cosine"] for r in read_log(one.out) if r["type"] == "pcgrad"]
         cb = [r["cosine"] for r in read_log(two.out) if r["type"] == "pcgrad"]
         assert np.allclose(ca, cb, atol=1e-5)
+    if combine in ("mgda", "rlw"):  # the method chose the one-process weights (and saw its cosines)
+        ta = [r["aggregation"] for r in read_log(one.out) if r["type"] == "train"]
+        tb = [r["aggregation"] for r in read_log(two.out) if r["type"] == "train"]
+        assert len(ta) == len(tb) == 2
+        for a, b in zip(ta, tb):
+            assert np.allclose(a["weights"], b["weights"], atol=1e-5)
+            assert ("cosine" in a) == ("cosine" in b) == (combine == "mgda")
+            if combine == "mgda":
+                assert np.allclose(a["cosine"], b["cosine"], atol=1e-5)
     # Side effects on rank 0 only: one output folder, console lines from rank 0 alone.
     assert "global batch 6 per task and step, 3 per rank" in logs[0]
     assert "step 6: dev" in logs[0] and "step 6: dev" not in logs[1]
     assert logs[1].strip() == "", logs[1]
     assert not any(p.name.startswith(".last.tmp") for p in Path(two.out).iterdir())
+
+
+@pytest.mark.parametrize("combine", ["uw", "dwa"])
+def test_rank_local_loss_weighting_is_refused_under_torchrun(tmp_path, tiny_model_dir, data_dir, combine):
+    cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, combine=combine, **EXACT)
+    procs = launch(cli_args(cfg, 3), 2, tmp_path, "refused")
+    for p in procs:
+        p.wait(timeout=120)
+    for r, p in enumerate(procs):
+        text = (tmp_path / f"refused-rank{r}.log").read_text()
+        assert p.returncode != 0 and f"--combine {combine} runs in one process only" in text, text[-2000:]
+    assert not (Path(cfg.out) / "last").exists()
 
 
 def test_sharded_evaluation_scores_equal_one_process(tmp_path, tiny_model_dir, data_dir):

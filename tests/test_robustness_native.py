@@ -1,7 +1,7 @@
 """Hostile calls into the native extension: each returns or raises a Python exception.
 
-Every public native entry point (``mtbert._native.pcgrad``, ``gradient_stats``, the
-``_WordPiece`` class and its methods, and the Python wrappers that call them) gets a
+Every public native entry point (``mtbert._native.pcgrad``, ``gradient_stats``, ``gram``,
+``combine``, the ``_WordPiece`` class and its methods, and the Python wrappers that call them) gets a
 batch of hostile calls: huge, negative and zero sizes, huge thread counts, wrong types,
 dtypes and shapes, non-contiguous and read-only arrays, NaN/inf, bad orders, huge T, empty
 inputs and odd Unicode. The batch runs in a child Python process with a timeout, so an
@@ -244,6 +244,153 @@ def test_pcgrad_hypothesis_fuzz_in_child():
     expect(got, hypothesis_pcgrad="returned")
 
 
+ENGINE_BATCH = '''
+G = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+W = np.array([0.5, -1.0, 2.0])
+grads_cases = {
+    "t5000": np.zeros((5000, 2), np.float32),
+    "t_max_plus_1": np.zeros((_native.MAX_TASKS + 1, 2), np.float32),
+    "t_huge_no_columns": np.zeros((10**7, 0), np.float32),
+    "t0": np.zeros((0, 5), np.float32),
+    "p0": np.zeros((3, 0), np.float32),
+    "ndim1": G[0],
+    "ndim3": G[None],
+    "float64": G.astype(np.float64),
+    "int32": G.astype(np.int32),
+    "big_endian": G.astype(">f4"),
+    "fortran": np.asfortranarray(G),
+    "strided": G[:, ::2],
+    "unaligned": np.ndarray((3, 64), np.float32, buffer=np.zeros(3 * 64 * 4 + 1, np.uint8), offset=1),
+    "readonly": np.frombuffer(G.tobytes(), np.float32).reshape(3, 64),
+    "nan": np.where(np.arange(192).reshape(3, 64) == 100, np.nan, G).astype(np.float32),
+    "inf": np.where(np.arange(192).reshape(3, 64) == 5, -np.inf, G).astype(np.float32),
+    "huge_finite": np.full((3, 64), 3e38, np.float32),
+    "list": G.tolist(),
+    "none": None,
+}
+for name, grads in grads_cases.items():
+    attempt(f"gram_grads_{name}", lambda: _native.gram(grads))
+    weights = np.ones(len(grads)) if isinstance(grads, np.ndarray) and grads.ndim == 2 and len(grads) <= 10**4 else W
+    attempt(f"combine_grads_{name}", lambda: _native.combine(grads, weights))
+attempt("gram_t_max", lambda: _native.gram(np.ones((_native.MAX_TASKS, 2), np.float32)))
+attempt("combine_t_max", lambda: _native.combine(np.ones((_native.MAX_TASKS, 2), np.float32), np.ones(_native.MAX_TASKS)))
+for threads in (0, 2, -1, 10**5, 2**63, 2**70, -(2**70), 1.5, "2", True, np.int64(2), _native.MAX_THREADS + 1, None):
+    attempt(f"gram_threads_{threads!r}", lambda: _native.gram(G, num_threads=threads))
+    attempt(f"combine_threads_{threads!r}", lambda: _native.combine(G, W, num_threads=threads))
+weights_cases = {
+    "nan": [1.0, float("nan"), 0.0],
+    "inf": [1.0, 0.0, -float("inf")],
+    "huge": [1e308, 1e308, 1e308],
+    "short": [1.0, 2.0],
+    "long": np.ones(10**6),
+    "empty": [],
+    "scalar": 1.0,
+    "column": np.ones((3, 1)),
+    "complex": np.ones(3, np.complex128),
+    "string": "abc",
+    "ragged": [[1.0], [2.0, 3.0]],
+    "none": None,
+    "object": [object(), 1.0, 2.0],
+    "python_huge": [10**400, 1, 2],
+}
+for name, weights in weights_cases.items():
+    attempt(f"combine_weights_{name}", lambda: _native.combine(G, weights))
+outs = {
+    "dtype": np.zeros(64, np.float64),
+    "short": np.zeros(63, np.float32),
+    "2d": np.zeros((1, 64), np.float32),
+    "strided": np.zeros(128, np.float32)[::2],
+    "overlap": G[1],
+    "readonly": np.frombuffer(np.zeros(64, np.float32).tobytes(), np.float32),
+    "list": [0.0] * 64,
+}
+for name, out in outs.items():
+    attempt(f"combine_out_{name}", lambda: _native.combine(G, W, out=out))
+'''
+
+
+def test_gram_and_combine_survive_hostile_calls():
+    got = run_child(ENGINE_BATCH)
+    assert len(got) > 80
+    expect(
+        got,
+        gram_grads_t5000="raised ValueError: grads has 5000 tasks; at most 512",
+        combine_grads_t5000="raised ValueError: grads has 5000 tasks; at most 512",
+        gram_grads_t_max_plus_1="raised ValueError",
+        combine_grads_t_max_plus_1="raised ValueError",
+        gram_grads_t_huge_no_columns="raised ValueError",
+        combine_grads_t_huge_no_columns="raised ValueError",
+        gram_grads_t0="raised ValueError: grads must have at least one task",
+        gram_t_max="returned ndarray float64 (512, 512)",
+        combine_t_max="returned ndarray float32 (2,)",
+        gram_grads_p0="returned ndarray float64 (3, 3)",
+        combine_grads_p0="returned ndarray float32 (0,)",
+        gram_grads_unaligned="raised ValueError",
+        gram_grads_readonly="returned",
+        combine_grads_readonly="returned",
+        gram_grads_nan="raised ValueError: grads contains a non-finite value",
+        gram_grads_huge_finite="returned",
+        **{"gram_threads_100000": "raised ValueError: num_threads must be at most 1024"},
+        **{"combine_threads_1025": "raised ValueError: num_threads must be at most 1024"},
+        **{"combine_threads_1180591620717411303424": "raised ValueError: num_threads must be at most 1024"},
+        **{"gram_threads_-1180591620717411303424": "raised ValueError: num_threads must be >= 0"},
+        **{"combine_threads_-1": "raised ValueError", "gram_threads_1.5": "raised TypeError"},
+        **{"gram_threads_2": "returned", "combine_threads_None": "returned"},
+        combine_weights_nan="raised ValueError: weights[1] = NaN is not finite",
+        combine_weights_inf="raised ValueError: weights[2]",
+        combine_weights_short="raised ValueError: weights must have shape (3,), got 2 values",
+        combine_weights_long="raised ValueError: weights must have shape (3,)",
+        combine_weights_string="raised ValueError",
+        combine_weights_none="raised ValueError",
+        combine_weights_huge="returned",
+        combine_weights_complex="raised ValueError: weights must be 3 real numbers, got dtype complex128",
+        combine_out_overlap="raised ValueError: out must not overlap grads",
+        combine_out_readonly="raised ValueError",
+        combine_out_short="raised ValueError",
+    )
+    # Every hostile call other than the valid ones raised a ValueError or TypeError.
+    for name, outcome in got.items():
+        if outcome.startswith("raised"):
+            assert outcome.split(":")[0] in ("raised ValueError", "raised TypeError"), (name, outcome)
+
+
+ENGINE_HYPOTHESIS = '''
+from hypothesis import given, settings, strategies as st
+
+sizes = st.one_of(st.integers(0, 6), st.sampled_from([_native.MAX_TASKS + 1, 5000, 10**6]))
+threads = st.one_of(st.integers(-3, 4), st.integers(_native.MAX_THREADS + 1, 2**70), st.none())
+values = st.sampled_from([0.0, 1.0, -1.0, 1e-45, 3e38, -3e38, float("nan"), float("inf")])
+weights = st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=8)
+n = {"calls": 0}
+
+
+@settings(max_examples=150, deadline=None, database=None, derandomize=True)
+@given(T=sizes, P=st.integers(0, 40), threads=threads, value=values, w=weights,
+       with_out=st.booleans())
+def fuzz(T, P, threads, value, w, with_out):
+    grads = np.ones((T, P), np.float32) * np.float32(value) if T * P <= 10**6 else np.zeros((T, 0), np.float32)
+    grads[..., ::3] *= -1
+    out = np.zeros(grads.shape[1], np.float32) if with_out else None
+    n["calls"] += 1
+    for fn in (lambda: _native.gram(grads, num_threads=threads),
+               lambda: _native.combine(grads, w, out=out, num_threads=threads),
+               lambda: _native.combine(grads, np.resize(np.asarray(w + [1.0]), T), num_threads=threads)):
+        try:
+            fn()
+        except (ValueError, TypeError):
+            pass
+
+
+fuzz()
+print(f"hypothesis_engine: returned {n['calls']} calls", flush=True)
+'''
+
+
+def test_gram_and_combine_hypothesis_fuzz_in_child():
+    got = run_child(ENGINE_HYPOTHESIS)
+    expect(got, hypothesis_engine="returned")
+
+
 TOKENIZER_BATCH = '''
 W = _native._WordPiece
 for name, vocab in {"empty": "", "pad_only": "[PAD]\\n", "surrogate": "[PAD]\\ud800\\n", "bytes": b"[PAD]",
@@ -377,6 +524,17 @@ attempt("dispatch_order_repeat", lambda: pcgrad(G, order=[[0, 0, 0], [0, 1, 2], 
 attempt("torch_order_repeat", lambda: pcgrad_torch(G.double(), order=[[0, 0, 0], [0, 1, 2], [0, 1, 2]]))
 attempt("torch_t_max_plus_1", lambda: pcgrad_torch(torch.zeros(_native.MAX_TASKS + 1, 2, dtype=torch.float64)))
 
+# The multi-task methods' engine and aggregate, as the training loop calls them.
+from mtbert import aggregation as agg
+
+attempt("agg_gram_t5000", lambda: agg.gram(torch.zeros(5000, 2)))
+attempt("agg_gram_t5000_f64", lambda: agg.gram(torch.zeros(5000, 2, dtype=torch.float64)))
+attempt("agg_combine_t5000_f64", lambda: agg.combine(torch.zeros(5000, 2, dtype=torch.float64), np.ones(5000)))
+attempt("agg_combine_complex", lambda: agg.combine(G.double(), np.ones(3, np.complex128)))
+attempt("agg_combine_threads_huge", lambda: agg.combine(G, np.ones(3), num_threads=10**6))
+attempt("agg_pcgrad_order_repeat", lambda: agg.aggregate(G, "pcgrad", order=[[0, 0, 0], [0, 1, 2], [0, 1, 2]]))
+attempt("agg_gradvac_order_repeat", lambda: agg.aggregate(G, "gradvac", order=[[0, 1, 2], [1, 1, 2], [0, 1, 2]]))
+
 # The tokenizer as a user calls it.
 import tempfile
 from pathlib import Path
@@ -410,6 +568,13 @@ def test_python_wrappers_survive_hostile_calls():
         dispatch_order_repeat="raised ValueError: order row 0 is not a permutation",
         torch_order_repeat="raised ValueError: order row 0 is not a permutation",
         torch_t_max_plus_1="raised ValueError",
+        agg_gram_t5000="raised ValueError: grads has 5000 tasks; at most 512",
+        agg_gram_t5000_f64="raised ValueError: grads has 5000 tasks; at most 512",
+        agg_combine_t5000_f64="raised ValueError: grads has 5000 tasks; at most 512",
+        agg_combine_complex="raised ValueError: weights must be 3 real numbers, got dtype complex128",
+        agg_combine_threads_huge="raised ValueError: num_threads must be at most 1024",
+        agg_pcgrad_order_repeat="raised ValueError: order row 0 is not a permutation",
+        agg_gradvac_order_repeat="raised ValueError: order row 1 is not a permutation",
         wrapper_issue_case="raised MemoryError",
         wrapper_max_length_negative="raised ValueError",
         wrapper_max_length_float="raised TypeError",

@@ -8,7 +8,7 @@ import numpy.typing as npt
 __version__: str
 
 MAX_THREADS: int  # 1024: the most num_threads a call accepts (0/None: all cores)
-MAX_TASKS: int  # 512: the most tasks pcgrad / gradient_stats accept (the T x T algebra is O(T^3))
+MAX_TASKS: int  # 512: the most tasks pcgrad / gradient_stats / gram / combine accept (T x T algebra: O(T^3))
 
 # ==== WordPiece stubs (owned by the tokenizer work) ====
 class _WordPiece:
@@ -90,3 +90,25 @@ def gradient_stats(
     gradient), from one pass over ``grads`` (T, P) float32. Same checks as ``pcgrad``."""
 
 # ==== end PCGrad ====
+
+# ==== Gram engine stubs (owned by the multi-task methods work, issue 13) ====
+def gram(grads: npt.NDArray[np.float32], *, num_threads: Optional[int] = 0) -> npt.NDArray[np.float64]:
+    """(T, T) float64 Gram matrix g_i · g_j of ``grads`` (T, P) float32 (C-contiguous,
+    aligned), in one fused pass: float32 lanes per 1024-column block, float64 sums,
+    bit-for-bit independent of ``num_threads`` (in [0, MAX_THREADS]; 0 or None: all
+    cores). Runs without the GIL. Raises ValueError on NaN/inf, a wrong dtype, ndim, shape
+    or layout, T < 1 or T > MAX_TASKS, a bad ``num_threads``; TypeError for a non-int
+    ``num_threads``."""
+
+def combine(
+    grads: npt.NDArray[np.float32],
+    weights: npt.ArrayLike,
+    *,
+    out: Optional[npt.NDArray[np.float32]] = None,
+    num_threads: Optional[int] = 0,
+) -> npt.NDArray[np.float32]:
+    """(P,) float32 ``sum_k weights[k] * grads[k]`` in one pass (float64 accumulation per
+    element, one rounding); ``weights``: T finite reals; into ``out`` (P,) when given (it
+    must not overlap ``grads``). Same checks as ``gram``, plus ValueError for weights that
+    are not T finite reals or an unusable ``out``."""
+# ==== end Gram engine stubs ====

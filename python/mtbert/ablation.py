@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
+from .aggregation import METHODS
 from .plots import plot_ablation
 from .tasks import get_task
 from .train import TrainConfig, train
@@ -44,7 +45,11 @@ SEED_GRID: list[tuple[str, dict]] = [
     ("final + LeakyReLU", {**_FINAL, "activation": "leakyrelu"}),
 ]
 
-GRIDS = {"seed": SEED_GRID}
+# Every multi-task method of mtbert.aggregation with its paper's default options, on the
+# base configuration's heads: same budget, data and seeds for all (issue 13).
+METHODS_GRID: list[tuple[str, dict]] = [(method, {"combine": method}) for method in METHODS]
+
+GRIDS = {"seed": SEED_GRID, "methods": METHODS_GRID}
 
 # Budget 1.0: each run takes this many steps on at most this many examples per task.
 BASE_STEPS = 300

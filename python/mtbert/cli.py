@@ -52,7 +52,17 @@ TRAIN_HELP: dict[str, str] = {
     "weight_decay": "AdamW decoupled weight decay.",
     "warmup": "Fraction of steps with linear warmup (then linear decay to 0).",
     "grad_clip": "Clip the global gradient norm to this value (0: off).",
-    "combine": "How task gradients combine: sum of losses, or PCGrad gradient surgery.",
+    "combine": "How task gradients combine: sum of losses, PCGrad gradient surgery, or another "
+               "multi-task method (see mtbert.aggregation).",
+    # ---- multi-task method options (issue 13) ----
+    "cagrad_c": "CAGrad's c: radius of the ball around the mean gradient, relative to its norm.",
+    "cagrad_rescale": "CAGrad's rescale: divide by 1 + c^2 (1), 1 + c (2) or nothing (0).",
+    "gradvac_beta": "GradVac's EMA rate of the target cosines.",
+    "nash_max_norm": "Nash-MTL: clip the combined gradient to this norm (0: off).",
+    "aligned_scale": "Aligned-MTL's scale: smallest (min), median or rms singular value.",
+    "dwa_temperature": "DWA's softmax temperature.",
+    "uw_init": "Uncertainty weighting: initial log-variance of every task.",
+    # ---- end multi-task method options ----
     "pcgrad_reduction": "Combine projected gradients by sum (same scale as --combine sum) or mean.",
     "sampling": "Tasks per step: all (round-robin) or drawn by size (proportional, temperature).",
     "temperature": "Temperature T for --sampling temperature (p ~ size^(1/T)).",
@@ -333,7 +343,8 @@ def predict_cmd(checkpoint, as_json, sentence, second):
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--grid", type=click.Choice(list(GRIDS)), default="seed", show_default=True,
-              help="Which grid of configurations to run (seed: the study's ablation table).")
+              help="Which grid of configurations to run (seed: the study's ablation table; "
+                   "methods: every --combine method, same budget and seeds).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds per configuration (seed, seed+1, ...).")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True, max=1e6), default=1.0, show_default=True,

@@ -90,6 +90,30 @@ def plot_conflicts(records: list[dict], path: Path, tasks: Optional[list[str]] =
     return path
 
 
+def plot_method_weights(records: list[dict], path: Path, tasks: Optional[list[str]] = None) -> Optional[Path]:
+    """The weights w each step's multi-task method chose (d = sum_i w_i g_i, or the loss
+    weights of uw/dwa/rlw), from the per-step "aggregation" records (issue 13)."""
+    pts = [(r["step"], (r["aggregation"] if r.get("type") == "train" else r)) for r in records
+           if r.get("type") == "aggregation" or (r.get("type") == "train" and "aggregation" in r)]
+    if not pts:
+        return None
+    by_step = {step: rec for step, rec in pts}  # train and per-step records repeat no step
+    steps = sorted(by_step)
+    t = len(by_step[steps[0]]["weights"])
+    names = tasks if tasks and len(tasks) == t else [str(i) for i in range(t)]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i in range(t):
+        ax.plot(steps, [by_step[s]["weights"][i] for s in steps], label=names[i], lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("weight w_i")
+    ax.set_title(f"task weights chosen by {by_step[steps[0]].get('method', 'the method')}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: Path, dev_metrics: Optional[dict] = None) -> list[Path]:
     """Every plot the run's files allow; returns the PNGs written."""
     run_dir = Path(run_dir)
@@ -104,6 +128,7 @@ def plot_run(run_dir: Path, dev_metrics: Optional[dict] = None) -> list[Path]:
         plot_learning_curves(records, run_dir / "learning_curves.png"),
         plot_per_class(dev_metrics or {}, run_dir / "per_class_accuracy.png"),
         plot_conflicts(records, run_dir / "gradient_conflicts.png", tasks),
+        plot_method_weights(records, run_dir / "method_weights.png", tasks),
     ]
     return [p for p in written if p is not None]
 

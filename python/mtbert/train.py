@@ -30,21 +30,26 @@ from .model import BertModel
 from .multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS, MultitaskBert, MultitaskConfig, default_head, task_loss
 from .optim import AdamW
 from .pcgrad import PCGrad
+from . import aggregation
 from .pretrained import resolve_model_dir
 from .regularization import capture_rng, class_weights, head_penalty, smart_loss
 from .tasks import get_task, overall_scores, register_definitions, uses_data_dir
 from .tokenizer import WordPieceTokenizer
 from .validation import config_problems, device_problem
 
-COMBINES = ("sum", "pcgrad")
+COMBINES = aggregation.METHODS  # sum, mean, pcgrad, mgda, cagrad, ... (mtbert.aggregation)
 SAMPLINGS = ("round-robin", "proportional", "temperature")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
 PCGRAD_REDUCTIONS = ("sum", "mean")
 SMART_NORMS = ("linf", "l2")
+# DWA weighs each rank's own losses and UW's log-variances train outside the gradient
+# all-reduce: under torchrun their weights would differ between the ranks.
+SINGLE_PROCESS_COMBINES = ("uw", "dwa")
 # Every TrainConfig field with a fixed set of values: the CLI's choices come from here.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "combine": COMBINES, "pcgrad_reduction": PCGRAD_REDUCTIONS, "sampling": SAMPLINGS,
+    "combine": COMBINES, "pcgrad_reduction": PCGRAD_REDUCTIONS, "aligned_scale": aggregation.ALIGNED_SCALES,
+    "sampling": SAMPLINGS,
     "pooling": POOLINGS, "pair_encoding": PAIR_ENCODINGS, "activation": ACTIVATIONS,
     "reg": PENALTIES, "smart_norm": SMART_NORMS, "precision": PRECISIONS,
 }
@@ -75,8 +80,17 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup: float = 0.1  # fraction of the steps with a linear warmup
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    combine: str = "sum"  # sum of the task losses, or PCGrad gradient surgery
+    combine: str = "sum"  # sum of the task losses, PCGrad, or another method of mtbert.aggregation
     pcgrad_reduction: str = "sum"  # sum keeps PCGrad's scale equal to the summed loss when no conflict
+    # ---- multi-task method options (issue 13; mtbert.aggregation.TRAIN_OPTIONS) ----
+    cagrad_c: float = 0.4
+    cagrad_rescale: int = 1
+    gradvac_beta: float = 0.01
+    nash_max_norm: float = 0.0
+    aligned_scale: str = "min"
+    dwa_temperature: float = 2.0
+    uw_init: float = 0.0
+    # ---- end multi-task method options ----
     sampling: str = "round-robin"  # every task each step, or tasks drawn by size
     temperature: float = 2.0  # for sampling="temperature": p ~ size ** (1 / T)
     max_length: int = 128
@@ -146,6 +160,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        aggregation.method_from_config(self)  # checks the method's options (issue 13)
         for name in ("reg_tasks", "smart_tasks", "class_weight_tasks"):
             for task in getattr(self, name):
                 get_task(task)
@@ -326,7 +341,9 @@ class Run:
     trainable: list[torch.nn.Parameter]
     optimizer: AdamW
     samplers: dict[str, TaskSampler]
-    surgery: Optional[PCGrad]  # PCGrad gradient surgery, or None: plain sum of the losses
+    # How the task losses combine: PCGrad, another method of mtbert.aggregation (a
+    # MultiTaskBackward), or None: the plain sum of the losses
+    combiner: Optional[PCGrad | aggregation.MultiTaskBackward]
     scaler: torch.amp.GradScaler  # loss scaling (active for fp16 only)
     class_weights: dict[str, torch.Tensor]
     task_probs: np.ndarray  # how often each task is drawn (sampling != round-robin)
@@ -351,6 +368,10 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
     seed: the same cfg builds the same run). Under torchrun, joins the process group first;
     `resume` keeps the global batch saved in the run's resume checkpoint."""
     out = Path(cfg.out)
+    launched = distributed.env_context()  # (rank, world size, local rank) under torchrun, else None
+    if launched is not None and launched[1] > 1 and cfg.combine in SINGLE_PROCESS_COMBINES:
+        raise ValueError(f"--combine {cfg.combine} runs in one process only (under torchrun its weights "
+                         f"would differ between the ranks)")
     dist = distributed.init(cfg.device)  # [ddp] joins the process group under torchrun
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -407,14 +428,16 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
         for task in cfg.class_weight_tasks:
             if task in cfg.tasks:
                 weights[task] = class_weights(data.train[task].labels, get_task(task).num_classes).to(device)
-    surgery = None
+    combiner = None
+    sync = distributed.task_gradient_sync(dist)  # [ddp] sums the (T, P) buffer over ranks before combining
     if cfg.combine == "pcgrad" and not cfg.freeze_encoder:
-        surgery = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
-                         reduction=cfg.pcgrad_reduction, seed=cfg.seed,
-                         sync=distributed.task_gradient_sync(dist))  # [ddp] sums the (T, P) buffer over ranks
+        combiner = PCGrad(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
+                          reduction=cfg.pcgrad_reduction, seed=cfg.seed, sync=sync)
+    elif cfg.combine != "sum" and not cfg.freeze_encoder:  # every other method of mtbert.aggregation
+        combiner = aggregation.training_backward(cfg, model, optimizer, steps_per_epoch, sync=sync)
     return Run(cfg=cfg, out=out, device=device, precision=precision, data_dir=data_dir, tokenizer=tokenizer,
                data=data, model=model, trainable=trainable, optimizer=optimizer, samplers=samplers,
-               surgery=surgery, scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
+               combiner=combiner, scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
                class_weights=weights, task_probs=task_probabilities(sizes, cfg.sampling, cfg.temperature),
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                warmup_steps=int(cfg.warmup * total_steps), dist=dist, global_batch=global_batch)
@@ -427,7 +450,8 @@ class StepResult:
     losses: dict[str, float]  # task -> this step's loss (tasks drawn this step only)
     lr: float  # the learning rate of the step
     examples: int  # training examples in the step
-    pcgrad: Optional[object] = None  # PCGrad's conflict statistics, when it ran
+    # the combiner's statistics, when it ran: PCGrad's ConflictStats or an AggregationStats
+    stats: Optional[object] = None
 
 
 def set_learning_rate(run: Run) -> float:
@@ -474,14 +498,27 @@ def forward_losses(run: Run, batches: dict[str, TaskBatch]) -> dict[str, torch.T
     return losses
 
 
+def combines_gradients(combiner) -> bool:
+    """PCGrad and the gradient methods combine the per-task gradients; the loss-weighting
+    methods (mean, uw, dwa, rlw) weight the losses."""
+    return not isinstance(combiner, aggregation.MultiTaskBackward) or combiner.method.gradient_based
+
+
 def backward(run: Run, losses: dict[str, torch.Tensor]):
-    """Fill the parameters' .grad from the task losses: their sum, or PCGrad's combination of
-    the per-task gradients. Returns PCGrad's statistics (or None)."""
+    """Fill the parameters' .grad from the task losses: their sum, or the combiner's result
+    (PCGrad and the gradient methods combine the per-task gradients; the loss-weighting
+    methods weight the losses, then one backward). Returns the combiner's statistics (or None)."""
     run.optimizer.zero_grad(set_to_none=True)
-    # [ddp] PCGrad or not: decided by the step's tasks, the same on every rank (a rank may lack a slice)
-    if run.surgery is not None and len(drawn_tasks(run)) > 1:
-        return run.surgery.backward([run.scaler.scale(losses[t]) if t in losses else None
-                                     for t in run.cfg.tasks])
+    combiner = run.combiner
+    # [ddp] combine or not: decided by the step's tasks, the same on every rank (a rank may lack a slice)
+    if combiner is not None and len(drawn_tasks(run)) > 1:
+        per_task = [losses.get(t) for t in run.cfg.tasks]  # None: no batch of the task this step
+        if not combines_gradients(combiner):
+            total, stats = combiner.weighted_loss(per_task)  # weights of the unscaled losses
+            if total is not None:  # [ddp] a rank without any example adds zeros to the sum over ranks
+                run.scaler.scale(total).backward()
+            return stats
+        return combiner.backward([run.scaler.scale(loss) if loss is not None else None for loss in per_task])
     if losses:  # [ddp] a rank without any example this step adds zeros to the sum over ranks
         run.scaler.scale(sum(losses.values())).backward()
     return None
@@ -514,8 +551,9 @@ def train_step(run: Run) -> StepResult:
     batches = next_batches(run)
     losses = forward_losses(run, batches)
     stats = backward(run, losses)
-    # [ddp] the exact sum over ranks; PCGrad's shared gradients were summed before its surgery
-    distributed.sum_gradients(run.trainable, already_summed=run.surgery.shared if stats is not None else ())
+    # [ddp] the exact sum over ranks; a gradient combiner's shared gradients were summed before it ran
+    summed = run.combiner.shared if stats is not None and combines_gradients(run.combiner) else ()
+    distributed.sum_gradients(run.trainable, already_summed=summed)
     clip_gradients(run, list(losses))
     optimizer_step(run)
     # [ddp] every task of the step gets a loss (0.0 on a rank without its slice): the logs sum over ranks
@@ -545,7 +583,7 @@ def save_last(run: Run, evaluator: "Evaluator", train_log: Optional["TrainLog"] 
     info.update({"global_batch": run.global_batch, "world_size": run.dist.world_size})
     info.update({"step": run.step, "best_score": evaluator.best_score, "best_step": evaluator.best_step,
                  "samplers": {t: s.state_dict() for t, s in run.samplers.items()},
-                 "pcgrad": run.surgery.state_dict() if run.surgery is not None else None})
+                 "aggregation": run.combiner.state_dict() if run.combiner is not None else None})
     if train_log is not None:
         # robustness hook: the open loss window, so the first loss record after a resume
         # averages the same steps as an uninterrupted run
@@ -583,8 +621,9 @@ class Evaluator:
 
 
 class TrainLog:
-    """Training lines of metrics.jsonl: mean losses and throughput over each log window,
-    PCGrad's conflict statistics every step."""
+    """Training lines of metrics.jsonl: mean losses and throughput over each log window; the
+    combiner's statistics every step (PCGrad's conflicts under "pcgrad"; another method's
+    weights, and cosines for the gradient methods, under "aggregation")."""
 
     def __init__(self, run: Run, log: MetricsLog):
         self.run, self.log = run, log
@@ -614,7 +653,8 @@ class TrainLog:
         self.examples += result.examples
         for task, value in result.losses.items():
             self.losses[task].append(value)
-        stats = result.pcgrad
+        stats = result.stats
+        key = "pcgrad" if run.cfg.combine == "pcgrad" else "aggregation"
         if run.step % run.cfg.log_every == 0 or run.step == run.total_steps:
             # [ddp] collective: the global per-step losses and example count
             self.losses, self.examples = run.dist.sum_window(self.losses, self.examples)
@@ -627,15 +667,13 @@ class TrainLog:
                 record["partial_window"] = True  # robustness hook: fewer steps than log_every
                 self.partial_window = False
             if stats is not None:
-                record["pcgrad"] = {"cosine": stats.cosine.tolist(), "conflicts": stats.conflicts,
-                                    "conflict_pairs": stats.conflict_pairs}
+                record[key] = aggregation.log_fields(stats)
             self.log.write(record)
             self._reset()
             return record
         if stats is not None:
             # Conflict statistics are logged every step (they are cheap: a T x T matrix).
-            self.log.write({"type": "pcgrad", "step": run.step, "cosine": stats.cosine.tolist(),
-                            "conflicts": stats.conflicts, "conflict_pairs": stats.conflict_pairs})
+            self.log.write({"type": key, "step": run.step, **aggregation.log_fields(stats)})
         return None
 
 
@@ -670,7 +708,7 @@ def _train_locked(cfg: TrainConfig, *, resume: bool) -> dict:
     if not resume:
         evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl") if main else DiscardedLog())
     else:
-        state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.surgery)
+        state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.combiner)
         run.step = state["step"]
         run.dist.restore_rng(state["rng_tensors"], cfg.seed, run.step)  # [ddp] each rank's own RNG
         evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl", resume_step=run.step) if main
@@ -726,7 +764,7 @@ def compute_task_loss(model: MultitaskBert, task: str, batch, cfg: TrainConfig,
     return loss
 
 
-def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[PCGrad]) -> dict:
+def load_resume_state(out: Path, model, optimizer, samplers, combiner) -> dict:
     folder = ckpt.existing_folder(out / "last")
     if folder is None:
         raise ckpt.CheckpointError(f"nothing to resume: {out / 'last'} does not exist")
@@ -743,8 +781,10 @@ def load_resume_state(out: Path, model, optimizer, samplers, surgery: Optional[P
         ckpt.rng_from_tensors(state_tensors)
         for task, sampler in samplers.items():
             sampler.load_state_dict(info["samplers"][task])
-        if surgery is not None and info.get("pcgrad"):
-            surgery.load_state_dict(info["pcgrad"])
+        # the combiner's state: "aggregation"; checkpoints written before it was named say "pcgrad"
+        combiner_state = info.get("aggregation", info.get("pcgrad"))
+        if combiner is not None and combiner_state:
+            combiner.load_state_dict(combiner_state)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise ckpt.CheckpointError(f"{folder}: the training state does not fit this run: "

@@ -76,6 +76,13 @@ LIMITS: dict[str, Limit] = {
     "log_every": _POSITIVE_INT,
     "eval_every": _POSITIVE_INT,
     "save_every": _POSITIVE_INT,
+    # the multi-task methods' options (mtbert.aggregation checks them again per method)
+    "cagrad_c": _NON_NEGATIVE,
+    "cagrad_rescale": Limit(int, 0, 2),
+    "gradvac_beta": Limit(float, 0.0, 1.0),
+    "nash_max_norm": _NON_NEGATIVE,  # 0: no cap
+    "dwa_temperature": Limit(float, 0.0, lo_open=True),
+    "uw_init": Limit(float),
 }
 
 # Fields that map a task to a number (TOML tables, or --dropout TASK=VALUE flags): each value
