@@ -463,7 +463,8 @@ STATE_CORRUPTIONS = [
     ("step", -1), ("step", "3"), ("step", DELETE), ("best_score", "good"), ("best_step", -2),
     ("samplers", DELETE), ("samplers.sst", DELETE), ("samplers.sst.position", -1),
     ("samplers.para", [1, 2]), ("param_groups", []), ("param_groups", [{"lr": "x", "params": []}]),
-    ("scalars", {"0.step": "one"}), ("pcgrad", {"rng": 5}), ("pcgrad", {"rng": {"state": 1}}),
+    ("scalars", {"0.step": "one"}), ("aggregation", {"rng": 5}), ("aggregation", {"rng": {"state": 1}}),
+    ("aggregation", {"seed": 1}), ("aggregation", [1]),
     ("log_window", {"examples": -1, "loss": {}}), ("log_window.loss", [1.0]),
 ]
 

@@ -173,7 +173,10 @@ def state_schema() -> Check:
                 "samplers": dict_of(obj({"epoch": integer(0), "position": integer(0)})),
                 "param_groups": list_of(group, min_len=1),
                 "scalars": dict_of(number(finite=False))},
-               {"pcgrad": nullable(obj({"rng": dict_of(anything)})), "log_window": window})
+               # the --combine method's own state ("pcgrad" in checkpoints from before the
+               # method family); each method checks its contents when it loads them
+               {"aggregation": nullable(dict_of(anything)), "pcgrad": nullable(dict_of(anything)),
+                "log_window": window})
 
 
 def _rebuild_configs(meta: dict) -> None:
