@@ -32,7 +32,7 @@ would divide by its norm).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -48,6 +48,8 @@ from .pcgrad import (
     _gram_torch,
     _resolve_orders,
     _trainable,
+    fill_task_gradients,
+    set_shared_gradients,
 )
 
 __all__ = [
@@ -849,35 +851,13 @@ class MultiTaskBackward:
             self._allocate(T)
         elif T != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {T}")
-        S = len(self.shared)
-        for i, loss in enumerate(losses):
-            heads = self.task_params[i] if self.task_params is not None else []
-            if isinstance(loss, Tensor) and loss.requires_grad:
-                grads = torch.autograd.grad(loss, self.shared + heads, retain_graph=i < T - 1,
-                                            allow_unused=True)
-            else:
-                grads = (None,) * (S + len(heads))
-            with torch.no_grad():
-                for view, g in zip(self._row_views[i], grads[:S]):
-                    if g is None:
-                        view.zero_()
-                    else:
-                        view.copy_(g.to_dense() if g.is_sparse else g)
-            for p, g in zip(heads, grads[S:]):
-                p.grad = g
+        fill_task_gradients(losses, self.shared, self.task_params, self._row_views)
         if self.sync is not None:  # multi-process: the method sees the global per-task gradients
             self.sync(self.buffer)
         G = gram(self.buffer)
         w = _method_weights(self.method, G)
         combine(self.buffer, w, out=self.result)
-        with torch.no_grad():
-            for p, view in zip(self.shared, self._result_views):
-                if p.dtype == torch.float32:
-                    p.grad = view
-                else:
-                    if p.grad is None:
-                        p.grad = torch.empty_like(p)
-                    p.grad.copy_(view)
+        set_shared_gradients(self.shared, self._result_views)
         return AggregationStats.build(self.method.name, w, G)
 
     def _loss_weighting(self, losses: list) -> AggregationStats:

@@ -377,6 +377,43 @@ def _trainable(params, what: str) -> list[Tensor]:
     return result
 
 
+def fill_task_gradients(losses: Sequence[Optional[Tensor]], shared: list[Tensor],
+                        task_params: Optional[list[list[Tensor]]], row_views: list[list[Tensor]]) -> None:
+    """Step 1 of every gradient combiner (PCGrad, mtbert.aggregation): task i's gradient of the
+    shared parameters into its buffer row (`row_views[i]`, one view per parameter), zeros for a
+    constant or missing loss (no batch of the task this step); head parameters get their
+    task's gradient in `.grad` directly."""
+    S = len(shared)
+    for i, loss in enumerate(losses):
+        heads = task_params[i] if task_params is not None else []
+        if isinstance(loss, Tensor) and loss.requires_grad:
+            grads = torch.autograd.grad(loss, shared + heads, retain_graph=i < len(losses) - 1,
+                                        allow_unused=True)
+        else:
+            grads = (None,) * (S + len(heads))
+        with torch.no_grad():
+            for view, g in zip(row_views[i], grads[:S]):
+                if g is None:
+                    view.zero_()
+                else:
+                    view.copy_(g.to_dense() if g.is_sparse else g)
+        for p, g in zip(heads, grads[S:]):
+            p.grad = g
+
+
+def set_shared_gradients(shared: list[Tensor], result_views: list[Tensor]) -> None:
+    """The last step of every gradient combiner: the combined gradient becomes the shared
+    parameters' `.grad` (float32 ones as views of the result buffer, others as copies)."""
+    with torch.no_grad():
+        for p, view in zip(shared, result_views):
+            if p.dtype == torch.float32:
+                p.grad = view
+            else:
+                if p.grad is None:
+                    p.grad = torch.empty_like(p)
+                p.grad.copy_(view)
+
+
 class PCGrad:
     """Gradient surgery on the shared parameters of a multi-task model.
 
@@ -498,25 +535,8 @@ class PCGrad:
             self._allocate(T)
         elif T != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {T}")
-        S = len(self.shared)
-
         # 1. Each task's gradient into its buffer row; heads get theirs directly.
-        for i, loss in enumerate(losses):
-            heads = self.task_params[i] if self.task_params is not None else []
-            if isinstance(loss, Tensor) and loss.requires_grad:
-                grads = torch.autograd.grad(
-                    loss, self.shared + heads, retain_graph=i < T - 1, allow_unused=True
-                )
-            else:  # a constant loss (no batch of this task this step): zero gradient
-                grads = (None,) * (S + len(heads))
-            with torch.no_grad():
-                for view, g in zip(self._row_views[i], grads[:S]):
-                    if g is None:
-                        view.zero_()
-                    else:
-                        view.copy_(g.to_dense() if g.is_sparse else g)
-            for p, g in zip(heads, grads[S:]):
-                p.grad = g
+        fill_task_gradients(losses, self.shared, self.task_params, self._row_views)
 
         if self.sync is not None:  # multi-process: the surgery sees the global per-task gradients
             self.sync(self.buffer)
@@ -533,12 +553,5 @@ class PCGrad:
             gram = _surgery_torch(self.buffer, orders, self.reduction, self.eps, self.result)
 
         # 3. Set the shared parameters' .grad.
-        with torch.no_grad():
-            for p, view in zip(self.shared, self._result_views):
-                if p.dtype == torch.float32:
-                    p.grad = view
-                else:
-                    if p.grad is None:
-                        p.grad = torch.empty_like(p)
-                    p.grad.copy_(view)
+        set_shared_gradients(self.shared, self._result_views)
         return ConflictStats.from_gram(gram, orders)
