@@ -49,7 +49,7 @@ def inline_step(run) -> float:
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.step += 1
-    return sum(float(v) for v in losses.values())
+    return sum(float(v.detach()) for v in losses.values())
 
 
 @pytest.mark.benchmark(group="train-step")
