@@ -196,6 +196,32 @@ mod pcgrad_binding {
         a.start < b.end && b.start < a.end
     }
 
+    /// The caller's `out`, checked as a (P,) float32 array apart from `grads`, or a new
+    /// zeroed one (the result of `pcgrad` and `combine`).
+    fn out_array<'py>(
+        py: Python<'py>,
+        out: Option<&Bound<'py, PyAny>>,
+        p: usize,
+        grads: &Bound<'py, PyArray2<f32>>,
+    ) -> NativeResult<Bound<'py, PyArray1<f32>>> {
+        let Some(out) = out else {
+            return Ok(PyArray1::<f32>::zeros(py, p, false));
+        };
+        checked_array::<f32>(out, "out", 1, &format!("({p},)"), "float32")?;
+        let out = out.cast::<PyArray1<f32>>().map_err(PyErr::from)?.clone();
+        if out.len() != p {
+            return Err(core::PcgradError::OutLength {
+                expected: p,
+                got: out.len(),
+            }
+            .into());
+        }
+        if p > 0 && overlaps(&byte_range(&out), &byte_range(grads)) {
+            return Err(value("out must not overlap grads"));
+        }
+        Ok(out)
+    }
+
     /// The (T, T) order: an integer array-like, each row a permutation of 0..T.
     fn checked_order(
         py: Python<'_>,
@@ -273,25 +299,7 @@ mod pcgrad_binding {
             (None, None) => core::random_orders(tasks, std::hash::RandomState::new().hash_one(p)),
         };
         let grads_arr = untyped.cast::<PyArray2<f32>>().map_err(PyErr::from)?;
-        let out_arr: Bound<'py, PyArray1<f32>> = match out {
-            Some(out) => {
-                let shape = format!("({p},)");
-                checked_array::<f32>(out, "out", 1, &shape, "float32")?;
-                let out = out.cast::<PyArray1<f32>>().map_err(PyErr::from)?.clone();
-                if out.len() != p {
-                    return Err(core::PcgradError::OutLength {
-                        expected: p,
-                        got: out.len(),
-                    }
-                    .into());
-                }
-                if p > 0 && overlaps(&byte_range(&out), &byte_range(grads_arr)) {
-                    return Err(value("out must not overlap grads"));
-                }
-                out
-            }
-            None => PyArray1::<f32>::zeros(py, p, false),
-        };
+        let out_arr = out_array(py, out, p, grads_arr)?;
         let gram_arr = match gram_out {
             Some(g) => {
                 let shape = format!("({tasks}, {tasks})");
@@ -372,9 +380,7 @@ mod pcgrad_binding {
     // The two P-sized passes every method in `mtbert.aggregation` runs: `gram` and
     // `combine`. Nested here so it calls the helpers above as they are.
     mod engine_binding {
-        use super::{
-            byte_range, checked_array, detached, overlaps, threads_arg, value, NativeResult,
-        };
+        use super::{checked_array, detached, out_array, threads_arg, value, NativeResult};
         use crate::gram::{self as engine, GradError};
         use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
         use pyo3::prelude::*;
@@ -453,25 +459,7 @@ mod pcgrad_binding {
             let threads = threads_arg(num_threads)?;
             let weights = checked_weights(py, weights, tasks)?;
             let grads_arr = untyped.cast::<PyArray2<f32>>().map_err(PyErr::from)?;
-            let out_arr: Bound<'py, PyArray1<f32>> = match out {
-                Some(out) => {
-                    let shape = format!("({p},)");
-                    checked_array::<f32>(out, "out", 1, &shape, "float32")?;
-                    let out = out.cast::<PyArray1<f32>>().map_err(PyErr::from)?.clone();
-                    if out.len() != p {
-                        return Err(GradError::OutLength {
-                            expected: p,
-                            got: out.len(),
-                        }
-                        .into());
-                    }
-                    if p > 0 && overlaps(&byte_range(&out), &byte_range(grads_arr)) {
-                        return Err(value("out must not overlap grads"));
-                    }
-                    out
-                }
-                None => PyArray1::<f32>::zeros(py, p, false),
-            };
+            let out_arr = out_array(py, out, p, grads_arr)?;
             let grads_ro = grads_arr
                 .try_readonly()
                 .map_err(|e| value(format!("grads: {e}")))?;
