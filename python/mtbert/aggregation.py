@@ -47,6 +47,7 @@ from .pcgrad import (
     _combination_weights,
     _gram_torch,
     _resolve_orders,
+    _shared_parameters,
     _trainable,
     fill_task_gradients,
     set_shared_gradients,
@@ -794,13 +795,7 @@ class MultiTaskBackward:
         self.method = make_method(method, **options) if isinstance(method, str) else method
         if isinstance(self.method, UW) and num_tasks is not None and self.method.log_vars is None:
             self.method._build(num_tasks)
-        self.shared = _trainable(shared_params, "shared_params")
-        if not self.shared:
-            raise ValueError("shared_params holds no parameter with requires_grad=True")
-        devices = {p.device for p in self.shared}
-        if len(devices) != 1:
-            raise ValueError(f"shared parameters must be on one device, got {sorted(map(str, devices))}")
-        self.device = devices.pop()
+        self.shared, self.device = _shared_parameters(shared_params)
         self.task_params = None if task_params is None else [
             _trainable(ps, f"task_params[{i}]") for i, ps in enumerate(task_params)]
         if self.task_params is not None:

@@ -377,6 +377,17 @@ def _trainable(params, what: str) -> list[Tensor]:
     return result
 
 
+def _shared_parameters(shared_params: Sequence[Tensor]) -> tuple[list[Tensor], torch.device]:
+    """The trainable shared parameters of a gradient combiner, and the one device they share."""
+    shared = _trainable(shared_params, "shared_params")
+    if not shared:
+        raise ValueError("shared_params holds no parameter with requires_grad=True")
+    devices = {p.device for p in shared}
+    if len(devices) != 1:
+        raise ValueError(f"shared parameters must be on one device, got {sorted(map(str, devices))}")
+    return shared, devices.pop()
+
+
 def fill_task_gradients(losses: Sequence[Optional[Tensor]], shared: list[Tensor],
                         task_params: Optional[list[list[Tensor]]], row_views: list[list[Tensor]]) -> None:
     """Step 1 of every gradient combiner (PCGrad, mtbert.aggregation): task i's gradient of the
@@ -455,13 +466,7 @@ class PCGrad:
         sync: Optional[Callable[[Tensor], None]] = None,
     ):
         self.sync = sync  # sums the (T, P) buffer over ranks before the surgery (mtbert.distributed)
-        self.shared = _trainable(shared_params, "shared_params")
-        if not self.shared:
-            raise ValueError("shared_params holds no parameter with requires_grad=True")
-        devices = {p.device for p in self.shared}
-        if len(devices) != 1:
-            raise ValueError(f"shared parameters must be on one device, got {sorted(map(str, devices))}")
-        self.device = devices.pop()
+        self.shared, self.device = _shared_parameters(shared_params)
 
         self.task_params: Optional[list[list[Tensor]]] = None
         if task_params is not None:
