@@ -787,10 +787,13 @@ impl WordPiece {
                 )));
             }
         }
+        // Zeroed pages come from the OS already zero (like `vec![0; n]`): no pass that writes
+        // every byte, which would cost as much as the encoding itself.
         let filled = |value: i64| -> Result<Vec<i64>, Error> {
-            let mut v = Vec::new();
-            v.try_reserve_exact(total).map_err(|_| too_big())?;
-            v.resize(total, value);
+            let mut v = zeroed_vec(total).ok_or_else(too_big)?;
+            if value != 0 {
+                v.fill(value);
+            }
             Ok(v)
         };
         let mut batch = Batch {
@@ -860,6 +863,24 @@ impl WordPiece {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// `len` zeros, allocated zeroed and fallibly: None when the allocator refuses.
+fn zeroed_vec(len: usize) -> Option<Vec<i64>> {
+    if len == 0 {
+        return Some(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<i64>(len).ok()?;
+    // SAFETY: `layout` has a non-zero size. A non-null result of `alloc_zeroed` is valid for
+    // `len` i64 values, all zero (a valid i64), and was allocated by the global allocator with
+    // exactly the layout `Vec<i64>` of capacity `len` uses, as `Vec::from_raw_parts` requires.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut i64;
+        if ptr.is_null() {
+            return None;
+        }
+        Some(Vec::from_raw_parts(ptr, len, len))
+    }
+}
 
 /// Total physical memory in bytes, where the OS says (Linux: /proc/meminfo).
 fn physical_memory() -> Option<u64> {
