@@ -40,9 +40,10 @@ train: setup
 	$(VENV)/bin/mtbert-train $(ARGS)
 
 # Tables, comparisons and plots of the evidence study (issue 15) from the committed raw results in
-# results/study (no GPU, no run folders). STUDY_RUNS=<folder of scripts/study.py> recollects them first.
+# results/study (no GPU, no run folders). STUDY_RUNS=<folder of scripts/study.py> STUDY_MACHINE=<h200|cpu2>
+# adds those runs to the copy first.
 study-report: setup
-	$(PY) scripts/study_report.py --out results/study $(if $(STUDY_RUNS),--runs $(STUDY_RUNS))
+	$(PY) scripts/study_report.py --out results/study $(if $(STUDY_RUNS),--runs $(STUDY_RUNS) --machine $(STUDY_MACHINE))
 
 cargo-test:
 	cargo test --quiet

@@ -106,7 +106,7 @@ def study(tmp_path_factory, report_module):
             summaries[config, seed] = write_run(runs / "grid" / "runs" / f"{slug}-seed{seed}", data,
                                                 preds[config, seed], pcgrad, rng)
     out = tmp / "out"
-    report_module.main(["--runs", str(runs), "--data-dir", str(tmp / "data"), "--out", str(out)])
+    report_module.main(["--runs", str(runs), "--machine", "h200", "--data-dir", str(tmp / "data"), "--out", str(out)])
     return {"data": data, "preds": preds, "summaries": summaries, "out": out, "tmp": tmp}
 
 
@@ -140,7 +140,9 @@ def test_paired_and_bootstrap_numbers_match_a_direct_computation(study, report_m
     assert cells[3] == "2"
     mean_cell = re.match(r"([+-]\d\.\d+) \((.*)\)", cells[4])
     assert float(mean_cell.group(1)) == pytest.approx(np.mean(diffs), abs=6e-5)
-    assert [float(x) for x in mean_cell.group(2).split(",")] == pytest.approx(diffs, abs=6e-4)
+    listed = [cell.strip().split(" ", 1) for cell in mean_cell.group(2).split(",")]
+    assert [float(d) for d, _ in listed] == pytest.approx(diffs, abs=6e-4)
+    assert [unit for _, unit in listed] == [f"H200 {s}" for s in SEEDS]
     lo, hi = direct_bootstrap(task, study["data"]["gold"][task],
                               [study["preds"]["PCGrad", s][task] for s in SEEDS],
                               [study["preds"]["sum of losses", s][task] for s in SEEDS],
@@ -165,13 +167,13 @@ def test_compact_copy_holds_aligned_predictions_and_telemetry(study):
     runs = json.loads((out / "runs.json").read_text())["runs"]
     assert sorted((r["config"], r["seed"]) for r in runs) == sorted(study["summaries"])
     with np.load(out / "dev_predictions.npz") as npz:
-        got = npz["grid/pcgrad-seed2|sst"]
-        sts = npz["grid/pcgrad-seed2|sts"]
+        got = npz["h200/grid/pcgrad-seed2|sst"]
+        sts = npz["h200/grid/pcgrad-seed2|sts"]
     np.testing.assert_array_equal(got, study["preds"]["PCGrad", 2]["sst"])  # written reversed, read by id
     np.testing.assert_allclose(sts, study["preds"]["PCGrad", 2]["sts"], atol=1e-4)
     conflicts = json.loads((out / "conflicts.json").read_text())
-    assert set(conflicts) == {"grid/pcgrad-seed1", "grid/pcgrad-seed2"}  # the sum runs have no telemetry
-    assert conflicts["grid/pcgrad-seed1"]["bin_end_step"] == [10, 20]
+    assert set(conflicts) == {"h200/grid/pcgrad-seed1", "h200/grid/pcgrad-seed2"}  # sum runs: no telemetry
+    assert conflicts["h200/grid/pcgrad-seed1"]["bin_end_step"] == [10, 20]
     for name in ("grid.md", "comparisons.md", "README.md", "grid.png", "conflicts.png"):
         assert (out / name).stat().st_size > 0
     assert "Missing" not in (out / "README.md").read_text()  # every config has both seeds
@@ -186,3 +188,45 @@ def test_report_regenerates_from_the_copy_alone_and_checks_the_data(study, repor
     (other / "sts-dev.csv").write_text((other / "sts-dev.csv").read_text().replace("sts000x", "sts999x"))
     with pytest.raises(ValueError, match="sts dev ids"):
         report_module.main(["--data-dir", str(other), "--out", str(study["out"])])
+
+
+def test_a_second_machine_adds_runs_and_seeds_pair_only_within_a_machine(study, report_module, tmp_path):
+    """Runs collected from another machine join the copy; a seed is paired with the same seed on
+    the same machine only, and collecting a folder again replaces its runs instead of adding."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(study["out"], out)
+    data, rng = study["data"], np.random.default_rng(11)
+    cpu_runs, cpu = tmp_path / "cpu", {}
+    # On the CPU: the 3-epoch default with seed 1 and the 5-epoch default with seeds 1 and 2;
+    # the grid rows of the first machine have no 3-epoch default to pair with.
+    for group, config, seeds in (("default", "3-epoch default, sum", (1,)), ("default5", "5-epoch default, sum", (1, 2))):
+        for seed in seeds:
+            preds = fake_predictions(data["gold"], rng, 0.5)
+            cpu[config, seed] = write_run(cpu_runs / group / f"sum-seed{seed}", data, preds, False, rng)
+    args = ["--runs", str(cpu_runs), "--machine", "cpu2", "--data-dir", str(study["tmp"] / "data"), "--out", str(out)]
+    report_module.main(args)
+    report_module.main(args)  # again: replaces, does not duplicate
+    runs = json.loads((out / "runs.json").read_text())["runs"]
+    assert len(runs) == len(study["summaries"]) + 3
+    assert {r["machine"] for r in runs if r["group"] == "grid"} == {"h200"}
+    assert sorted(r["id"] for r in runs if r["machine"] == "cpu2") == [
+        "cpu2/default/sum-seed1", "cpu2/default5/sum-seed1", "cpu2/default5/sum-seed2"]
+    # 5 vs 3 epochs pairs only (cpu2, 1): the 5-epoch seed 2 has no 3-epoch partner.
+    cells = comparison_row(out, "5-epoch default, sum", "3-epoch default, sum", "sst")
+    assert cells[3] == "1"
+    diff = cpu["5-epoch default, sum", 1]["dev"]["sst"]["accuracy"] - cpu["3-epoch default, sum", 1]["dev"]["sst"]["accuracy"]
+    assert cells[4] == f"{diff:+.4f} ({diff:+.3f} 2-core CPU 1)"
+    # The targets table reads the embedded default on the 2-core machine: 2 seeds, said to be short of 3.
+    text = (out / "README.md").read_text()
+    assert "on the 2-core CPU machine, a mean over 2 seed(s), where the issue asks for 3" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 5-epoch default, sum | 2-core CPU | SST acc"))
+    mean = np.mean([cpu["5-epoch default, sum", s]["dev"]["sst"]["accuracy"] for s in (1, 2)])
+    assert f"{mean:.4f} (n=2)" in row
+
+
+def test_collecting_needs_the_machine(study, report_module, tmp_path):
+    with pytest.raises(SystemExit):
+        report_module.main(["--runs", str(study["tmp"] / "runs"), "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="unknown machine"):
+        report_module.collect(study["tmp"] / "runs", str(study["tmp"] / "data"), tmp_path / "out", "tpu")
