@@ -32,7 +32,7 @@ from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
 
-from mtbert.ablation import SEED_GRID, slug  # noqa: E402
+from mtbert.ablation import METHODS_GRID, SEED_GRID, slug  # noqa: E402
 from mtbert.data import load_split  # noqa: E402
 
 TASKS = ("sst", "para", "sts")
@@ -62,6 +62,10 @@ MACHINES = {
 }
 MACHINE_NAME = {"h200": "H200", "cpu2": "2-core CPU"}
 TARGET_MACHINE = "cpu2"  # issue 15's targets are for `make train` on the 2-core machine
+
+# `mtbert-ablate --grid methods` (folder methods/runs/<method>-seed<seed>): every --combine method.
+METHOD_CONFIGS = {slug(name): f"method: {name}" for name, _ in METHODS_GRID}
+METHOD_BASELINE = METHOD_CONFIGS["sum"]
 
 # Each grid row and the row it adds one change to (the study's order of changes).
 PARENT = {
@@ -174,6 +178,10 @@ def run_folders(runs: Path):
         key, seed = folder.name.rsplit("-seed", 1)
         if key in names:
             found.append(("grid", names[key], int(seed), folder))
+    for folder in sorted((runs / "methods" / "runs").glob("*-seed*")):
+        key, seed = folder.name.rsplit("-seed", 1)
+        if key in METHOD_CONFIGS:
+            found.append(("methods", METHOD_CONFIGS[key], int(seed), folder))
     for group in dict.fromkeys(g for g, _ in EXTRA_CONFIGS):
         for folder in sorted((runs / group).glob("*-seed*")):
             key, seed = folder.name.rsplit("-seed", 1)
@@ -333,7 +341,7 @@ class Study:
         for r in self.runs:
             if r["config"] not in seen:
                 seen.append(r["config"])
-        order = [n for n, _ in SEED_GRID] + list(EXTRA_CONFIGS.values())
+        order = [n for n, _ in SEED_GRID] + list(EXTRA_CONFIGS.values()) + list(METHOD_CONFIGS.values())
         return sorted(seen, key=order.index)
 
 
@@ -412,6 +420,22 @@ def grid_md(study: Study) -> str:
             cells += [fmt_ms([r["dev"][t] for r in runs.values() if t in r["dev"]]) for t in TASKS]
             cells += [fmt_ms([r["train"][t] for r in runs.values() if t in r["train"]]) for t in TASKS]
             lines.append("| " + " | ".join(cells) + " |")
+    methods = [c for c in METHOD_CONFIGS.values() if study.by_config(c)]
+    if methods:
+        lines += ["", "## The method family", "",
+                  "`mtbert-ablate --grid methods --budget 1`: every `--combine` method on the base configuration "
+                  "(the study's grid base: 300 steps of batch 16 per task on at most 4000 training examples "
+                  "per task, lr 1e-4, default heads). One row per method and machine.", "",
+                  "| method | machine | n | " + " | ".join(f"{TASK_LABEL[t]} dev" for t in TASKS) + " | "
+                  + " | ".join(f"{TASK_LABEL[t]} train" for t in TASKS) + " |",
+                  "|---|---|---|" + "---|" * 6]
+        for name in methods:
+            for machine in study.machines([name]):
+                runs = study.by_config(name, machine)
+                cells = [name.split(": ", 1)[1], MACHINE_NAME[machine], str(len(runs))]
+                cells += [fmt_ms([r["dev"][t] for r in runs.values() if t in r["dev"]]) for t in TASKS]
+                cells += [fmt_ms([r["train"][t] for r in runs.values() if t in r["train"]]) for t in TASKS]
+                lines.append("| " + " | ".join(cells) + " |")
     dups = identical_configs(study)
     if dups:
         lines += ["", "Identical configurations: " + "; ".join(f"'{a}' and '{b}'" for a, b in dups)
@@ -445,6 +469,8 @@ def comparison_list(study: Study) -> list[tuple[str, str, tuple[str, ...], str]]
     comps += [(SST_ALONE, DEFAULT_SUM, ("sst",), "SST alone against SST inside the multi-task mix (sum)"),
               (SST_ALONE, DEFAULT_PCGRAD, ("sst",), "SST alone against SST inside the multi-task mix (PCGrad)"),
               (DEFAULT5_SUM, DEFAULT_SUM, TASKS, "5 epochs against 3: the embedded default's budget (sum)")]
+    comps += [(m, METHOD_BASELINE, TASKS, "a multi-task method against a plain sum (300 steps)")
+              for m in METHOD_CONFIGS.values() if m != METHOD_BASELINE]
     return [c for c in comps if study.by_config(c[0]) and study.by_config(c[1])]
 
 
@@ -499,12 +525,13 @@ def comparisons_md(study: Study, results: list[tuple]) -> str:
 
 # ---------------------------------------------------------------- plots
 
-def plot_grid(study: Study, path: Path) -> None:
+def plot_grid(study: Study, path: Path, names: Optional[list[str]] = None,
+              title: str = "Grid (MiniLM, 900 steps): mean +- std over seeds, dots = single seeds") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n, _ in SEED_GRID if study.by_config(n)]
+    names = [n for n in (names or [n for n, _ in SEED_GRID]) if study.by_config(n)]
     fig, axes = plt.subplots(1, 3, figsize=(12, 0.32 * len(names) + 1.6), sharey=True)
     y = np.arange(len(names))
     for ax, task in zip(axes, TASKS):
@@ -524,7 +551,7 @@ def plot_grid(study: Study, path: Path) -> None:
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(y, [f"{n} (n={len(study.by_config(n))})" for n in names], fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle("Grid (MiniLM, 900 steps): mean +- std over seeds, dots = single seeds", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -735,12 +762,40 @@ def found_lines(study: Study, results) -> list[str]:
         if (a, b) == ("PCGrad", "sum of losses"):
             pub = f"{published_text(a)} against its baseline, which may differ in more than surgery"
         lines.append(f"- **{label}** ('{a}' vs '{b}'): ours {ours}. Published dev difference: {pub}.")
+    for m in METHOD_CONFIGS.values():
+        ours = effect_text(results, m, METHOD_BASELINE) if m != METHOD_BASELINE else None
+        if ours is not None:
+            lines.append(f"- **{m.split(': ', 1)[1]} against a plain sum** (method family, 300 steps): ours {ours}. "
+                         "The study ran no such comparison.")
     for x, y in identical_configs(study):
         why = (" (the default heads of 'final architecture' already use dropout 0.5 on SST and STS)"
                if {x, y} == {"+ SST and STS dropout 0.5", "final architecture"} else "")
         lines.append(f"- '{x}' and '{y}' made identical dev predictions for every common seed: the two rows "
                      f"are one configuration run twice{why}.")
     return lines
+
+
+def method_summary(study: Study, results) -> list[str]:
+    """One sentence on the method family: which methods moved which task against a plain sum."""
+    methods = [m for m in METHOD_CONFIGS.values() if m != METHOD_BASELINE and verdict_of(results, m, METHOD_BASELINE, "sst")]
+    if not methods:
+        return []
+    higher, lower, quiet = [], [], 0
+    for m in methods:
+        for t in TASKS:
+            res = verdict_of(results, m, METHOD_BASELINE, t)
+            tag = f"{m.split(': ', 1)[1]} on {t} ({res['mean']:+.3f} [{res['boot_lo']:+.3f}, {res['boot_hi']:+.3f}])"
+            if res["verdict"].startswith("higher"):
+                higher.append(tag)
+            elif res["verdict"].startswith("lower"):
+                lower.append(tag)
+            else:
+                quiet += 1
+    n = max(verdict_of(results, m, METHOD_BASELINE, "sst")["n"] for m in methods)
+    return [f"The method family at 300 steps ({n} seed(s), so the bootstrap over dev examples is the only "
+            f"interval): of {len(methods)} methods against a plain sum, on {len(methods) * len(TASKS)} "
+            f"method-task pairs, higher: {'; '.join(higher) or 'none'}. Lower: {'; '.join(lower) or 'none'}. "
+            f"No detectable difference on the other {quiet}."]
 
 
 def summary_lines(study: Study, results) -> list[str]:
@@ -766,6 +821,7 @@ def summary_lines(study: Study, results) -> list[str]:
                    f"conflicts (cos < 0) on {frac:.0%} of the steps, near a coin flip. A projection removes "
                    "|cos| times the gradient's norm, so PCGrad changes the summed gradient little, which "
                    "fits its lack of effect here.")
+    out += method_summary(study, results)
     held, opposite, undetected = [], [], []
     for a, b in PARENT.items():
         pub_child = PUBLISHED_ROW.get(a, (None,))[0]
@@ -828,6 +884,7 @@ RUN_LOG = {
         "`mtbert-train --epochs 3 --tasks sst --seed 11713 --out $R/single/sst-seed11713` (2026-11-26)",
         "`mtbert-train --epochs 5 --seed S --out $R/default5/sum-seedS` for S = 11711, 11712, 11713 "
         "(2026-11-27; `make train` with `ARGS=\"--seed S\"` runs the same since 5 epochs is the default)",
+        "`mtbert-ablate --grid methods --seeds 1 --budget 1 --out $R/methods` (2026-11-27; 12 runs, seed 11711)",
         "then `python scripts/study_report.py --runs $R --machine cpu2 --out results/study`",
     ],
 }
@@ -850,7 +907,7 @@ def readme(study: Study, results, out: Path) -> str:
     n_runs = len(study.runs)
     per_config = {c: sorted({seed for _, seed in study.by_config(c)}) for c in study.configs()}
     lines = [
-        "# Evidence study (issue 15): the study's grid, sum vs PCGrad, SST alone",
+        "# Evidence study (issue 15): the study's grid, sum vs PCGrad, SST alone, the method family",
         "",
         "Everything in this folder is made by `make study-report` (scripts/study_report.py) from the "
         "committed raw results here (runs.json, dev_predictions.npz, conflicts.json) and the dev gold "
@@ -864,7 +921,9 @@ def readme(study: Study, results, out: Path) -> str:
         "steps, full training data) with `--combine sum` and with `--combine pcgrad`; SST alone on that "
         "budget; and the default the study led to, 5 epochs (1500 steps) with `sum`. Seeds 11711, 11712, "
         "11713, one seed of everything before the next. The same configurations run with `mtbert-train` "
-        "write the same folders (commands below).",
+        "write the same folders (commands below). The method family is `mtbert-ablate --grid methods`: "
+        "every `--combine` method at ablation budget 1 (300 steps of batch 16 per task on at most 4000 "
+        "training examples per task), one seed.",
         "",
         *run_log_lines(study),
         "- Checkpoints and data are not committed; the run folders were compacted into this folder with "
@@ -881,7 +940,8 @@ def readme(study: Study, results, out: Path) -> str:
         "numbers beside ours; the default configurations and SST alone, per machine.",
         "- [comparisons.md](comparisons.md): every 'X beats Y' comparison with per-seed differences and a "
         "paired bootstrap interval over dev examples.",
-        "- grid.png: the grid's dev scores. conflicts.png: PCGrad's conflict telemetry.",
+        "- grid.png: the grid's dev scores. conflicts.png: PCGrad's conflict telemetry."
+        + (" methods.png: the method family's dev scores." if (out / "methods.png").is_file() else ""),
         "",
         "![grid](grid.png)",
         "",
@@ -936,6 +996,11 @@ def report(study: Study, out: Path) -> None:
     (out / "grid.md").write_text(grid_md(study), encoding="utf-8")
     (out / "comparisons.md").write_text(comparisons_md(study, results), encoding="utf-8")
     plot_grid(study, out / "grid.png")
+    methods = [c for c in METHOD_CONFIGS.values() if study.by_config(c)]
+    if methods:
+        n = max(len(study.by_config(c)) for c in methods)
+        plot_grid(study, out / "methods.png", methods, f"The method family (MiniLM, 300 steps on <= 4000 "
+                  f"examples per task; {n} seed(s)): dev scores, dots = single seeds")
     if pcgrad_grid_runs(study):
         plot_conflicts(study, out / "conflicts.png")
     (out / "README.md").write_text(readme(study, results, out), encoding="utf-8")

@@ -204,19 +204,28 @@ def test_a_second_machine_adds_runs_and_seeds_pair_only_within_a_machine(study, 
         for seed in seeds:
             preds = fake_predictions(data["gold"], rng, 0.5)
             cpu[config, seed] = write_run(cpu_runs / group / f"sum-seed{seed}", data, preds, False, rng)
+    for method, sst_correct in (("sum", 0.2), ("mgda", 0.95)):  # the method family: one seed each
+        preds = fake_predictions(data["gold"], rng, sst_correct)
+        cpu[method, 1] = write_run(cpu_runs / "methods" / "runs" / f"{method}-seed1", data, preds, method != "sum", rng)
     args = ["--runs", str(cpu_runs), "--machine", "cpu2", "--data-dir", str(study["tmp"] / "data"), "--out", str(out)]
     report_module.main(args)
     report_module.main(args)  # again: replaces, does not duplicate
     runs = json.loads((out / "runs.json").read_text())["runs"]
-    assert len(runs) == len(study["summaries"]) + 3
+    assert len(runs) == len(study["summaries"]) + 5
     assert {r["machine"] for r in runs if r["group"] == "grid"} == {"h200"}
     assert sorted(r["id"] for r in runs if r["machine"] == "cpu2") == [
-        "cpu2/default/sum-seed1", "cpu2/default5/sum-seed1", "cpu2/default5/sum-seed2"]
+        "cpu2/default/sum-seed1", "cpu2/default5/sum-seed1", "cpu2/default5/sum-seed2",
+        "cpu2/methods/mgda-seed1", "cpu2/methods/sum-seed1"]
     # 5 vs 3 epochs pairs only (cpu2, 1): the 5-epoch seed 2 has no 3-epoch partner.
     cells = comparison_row(out, "5-epoch default, sum", "3-epoch default, sum", "sst")
     assert cells[3] == "1"
     diff = cpu["5-epoch default, sum", 1]["dev"]["sst"]["accuracy"] - cpu["3-epoch default, sum", 1]["dev"]["sst"]["accuracy"]
     assert cells[4] == f"{diff:+.4f} ({diff:+.3f} 2-core CPU 1)"
+    # Each method is compared with the family's plain sum; a large SST gain is called one.
+    cells = comparison_row(out, "method: mgda", "method: sum", "sst")
+    assert cells[3] == "1" and cells[7] == "higher (method: mgda)"
+    assert "## The method family" in (out / "grid.md").read_text()
+    assert (out / "methods.png").stat().st_size > 0
     # The targets table reads the embedded default on the 2-core machine: 2 seeds, said to be short of 3.
     text = (out / "README.md").read_text()
     assert "on the 2-core CPU machine, a mean over 2 seed(s), where the issue asks for 3" in text
