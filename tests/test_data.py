@@ -24,6 +24,22 @@ EXPECTED = {
 }
 
 
+def test_a_limit_samples_the_whole_file_not_its_skewed_start(data_dir):
+    """The SST train file's first rows are mostly labels 3-4; a limited split must still hold
+    every label in about the file's proportions, in file order, the same rows every time."""
+    full = load_split("sst", "train", data_dir).examples
+    part = load_split("sst", "train", data_dir, limit=4000).examples
+    assert len(part) == 4000 and part == load_split("sst", "train", data_dir, limit=4000).examples
+    position = {ex.id: k for k, ex in enumerate(full)}
+    assert [position[ex.id] for ex in part] == sorted(position[ex.id] for ex in part)
+    assert position[part[-1].id] > 0.99 * len(full)  # reaches the end of the file
+    for label in range(5):
+        share_full = sum(ex.label == label for ex in full) / len(full)
+        share_part = sum(ex.label == label for ex in part) / len(part)
+        assert abs(share_part - share_full) < 0.02, (label, share_part, share_full)
+    assert load_split("sst", "train", data_dir, limit=10**6).examples == full
+
+
 @pytest.mark.parametrize("task,split", sorted(EXPECTED))
 def test_counts_on_shared_data(data_dir, task, split):
     with warnings.catch_warnings():
