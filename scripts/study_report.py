@@ -423,9 +423,9 @@ def grid_md(study: Study) -> str:
     methods = [c for c in METHOD_CONFIGS.values() if study.by_config(c)]
     if methods:
         lines += ["", "## The method family", "",
-                  "`mtbert-ablate --grid methods --budget 1`: every `--combine` method on the base configuration "
-                  "(the study's grid base: 300 steps of batch 16 per task on at most 4000 training examples "
-                  "per task, lr 1e-4, default heads). One row per method and machine.", "",
+                  "`mtbert-ablate --grid methods --budget 1 --train-limit 100000`: every `--combine` method on "
+                  "the base configuration (300 steps of batch 16 per task drawn from all training rows, lr 1e-4, "
+                  "default heads). One row per method and machine.", "",
                   "| method | machine | n | " + " | ".join(f"{TASK_LABEL[t]} dev" for t in TASKS) + " | "
                   + " | ".join(f"{TASK_LABEL[t]} train" for t in TASKS) + " |",
                   "|---|---|---|" + "---|" * 6]
@@ -884,7 +884,8 @@ RUN_LOG = {
         "`mtbert-train --epochs 3 --tasks sst --seed 11713 --out $R/single/sst-seed11713` (2026-11-26)",
         "`mtbert-train --epochs 5 --seed S --out $R/default5/sum-seedS` for S = 11711, 11712, 11713 "
         "(2026-11-27; `make train` with `ARGS=\"--seed S\"` runs the same since 5 epochs is the default)",
-        "`mtbert-ablate --grid methods --seeds 1 --budget 1 --out $R/methods` (2026-11-27; 12 runs, seed 11711)",
+        "`mtbert-ablate --grid methods --seeds 1 --budget 1 --train-limit 100000 --out $R/methods` "
+        "(2026-11-27; 12 runs, seed 11711; the limit is above every file's size: all training rows)",
         "then `python scripts/study_report.py --runs $R --machine cpu2 --out results/study`",
     ],
 }
@@ -922,8 +923,10 @@ def readme(study: Study, results, out: Path) -> str:
         "budget; and the default the study led to, 5 epochs (1500 steps) with `sum`. Seeds 11711, 11712, "
         "11713, one seed of everything before the next. The same configurations run with `mtbert-train` "
         "write the same folders (commands below). The method family is `mtbert-ablate --grid methods`: "
-        "every `--combine` method at ablation budget 1 (300 steps of batch 16 per task on at most 4000 "
-        "training examples per task), one seed.",
+        "every `--combine` method for 300 steps of batch 16 per task (ablation budget 1) drawn from all "
+        "training rows, one seed. The grid ran when `--train-limit` kept a file's first rows: of its "
+        "limit of 12000, that cut only Quora (its first 12000 of 16212 rows, not ordered by label); "
+        "the limit now takes rows evenly spaced over the file, so a rerun draws another Quora subset.",
         "",
         *run_log_lines(study),
         "- Checkpoints and data are not committed; the run folders were compacted into this folder with "
@@ -999,8 +1002,8 @@ def report(study: Study, out: Path) -> None:
     methods = [c for c in METHOD_CONFIGS.values() if study.by_config(c)]
     if methods:
         n = max(len(study.by_config(c)) for c in methods)
-        plot_grid(study, out / "methods.png", methods, f"The method family (MiniLM, 300 steps on <= 4000 "
-                  f"examples per task; {n} seed(s)): dev scores, dots = single seeds")
+        plot_grid(study, out / "methods.png", methods, f"The method family (MiniLM, 300 steps, all training "
+                  f"rows; {n} seed(s)): dev scores, dots = single seeds")
     if pcgrad_grid_runs(study):
         plot_conflicts(study, out / "conflicts.png")
     (out / "README.md").write_text(readme(study, results, out), encoding="utf-8")
