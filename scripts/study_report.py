@@ -885,7 +885,10 @@ RUN_LOG = {
         "`mtbert-train --epochs 5 --seed S --out $R/default5/sum-seedS` for S = 11711, 11712, 11713 "
         "(2026-11-27; `make train` with `ARGS=\"--seed S\"` runs the same since 5 epochs is the default)",
         "`mtbert-ablate --grid methods --seeds 1 --budget 1 --train-limit 100000 --out $R/methods` "
-        "(2026-11-27; 12 runs, seed 11711; the limit is above every file's size: all training rows)",
+        "(2026-11-27, seed 11711; the limit is above every file's size: all training rows), restarted after "
+        "its first run with `--only sum,pcgrad,mgda,cagrad,imtl,nash,aligned,gradvac,uw,dwa,rlw` (without "
+        "`mean`, the sum scaled by 1/3, which AdamW nearly ignores) and stopped when the session's time ran "
+        "out: `dwa`, `rlw` and `mean` did not run (the grid resumes them)",
         "then `python scripts/study_report.py --runs $R --machine cpu2 --out results/study`",
     ],
 }
@@ -906,7 +909,10 @@ def run_log_lines(study: Study) -> list[str]:
 
 def readme(study: Study, results, out: Path) -> str:
     n_runs = len(study.runs)
-    per_config = {c: sorted({seed for _, seed in study.by_config(c)}) for c in study.configs()}
+    # The method family is one seed by design; its seeds are reported apart from the study's.
+    per_config = {c: sorted({seed for _, seed in study.by_config(c)}) for c in study.configs()
+                  if c not in METHOD_CONFIGS.values()}
+    methods = [c.split(": ", 1)[1] for c in METHOD_CONFIGS.values() if study.by_config(c)]
     lines = [
         "# Evidence study (issue 15): the study's grid, sum vs PCGrad, SST alone, the method family",
         "",
@@ -931,7 +937,8 @@ def readme(study: Study, results, out: Path) -> str:
         *run_log_lines(study),
         "- Checkpoints and data are not committed; the run folders were compacted into this folder with "
         "`make study-report STUDY_RUNS=<folder> STUDY_MACHINE=<machine>`.",
-        f"- Finished: {n_runs} runs. " + seeds_text(per_config),
+        f"- Finished: {n_runs} runs. " + seeds_text(per_config)
+        + (f" The method family: {len(methods)} methods ({', '.join(methods)}), one seed each." if methods else ""),
         "",
         "Differences from the published study: it used bert-base, 10 epochs, one run per row; we use "
         "all-MiniLM-L6-v2 at 900- and 1500-step budgets with 2-3 seeds. Our models score far higher on STS "
