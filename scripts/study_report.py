@@ -768,8 +768,11 @@ def found_lines(study: Study, results) -> list[str]:
             lines.append(f"- **{m.split(': ', 1)[1]} against a plain sum** (method family, 300 steps): ours {ours}. "
                          "The study ran no such comparison.")
     for x, y in identical_configs(study):
-        why = (" (the default heads of 'final architecture' already use dropout 0.5 on SST and STS)"
-               if {x, y} == {"+ SST and STS dropout 0.5", "final architecture"} else "")
+        why = {frozenset({"+ SST and STS dropout 0.5", "final architecture"}):
+               " (the default heads of 'final architecture' already use dropout 0.5 on SST and STS)",
+               frozenset({METHOD_BASELINE, METHOD_CONFIGS["dwa"]}):
+               " in effect (DWA keeps every weight at 1 until two epochs of losses exist, and 300 steps are "
+               "one epoch)"}.get(frozenset({x, y}), "")
         lines.append(f"- '{x}' and '{y}' made identical dev predictions for every common seed: the two rows "
                      f"are one configuration run twice{why}.")
     return lines
@@ -887,8 +890,8 @@ RUN_LOG = {
         "`mtbert-ablate --grid methods --seeds 1 --budget 1 --train-limit 100000 --out $R/methods` "
         "(2026-11-27, seed 11711; the limit is above every file's size: all training rows), restarted after "
         "its first run with `--only sum,pcgrad,mgda,cagrad,imtl,nash,aligned,gradvac,uw,dwa,rlw` (without "
-        "`mean`, the sum scaled by 1/3, which AdamW nearly ignores) and stopped when the session's time ran "
-        "out: `dwa`, `rlw` and `mean` did not run (the grid resumes them)",
+        "`mean`, the sum scaled by 1/3, which AdamW nearly ignores), stopped after `uw` and resumed with "
+        "`--only dwa,rlw`; `mean` did not run (the grid resumes it)",
         "then `python scripts/study_report.py --runs $R --machine cpu2 --out results/study`",
     ],
 }
