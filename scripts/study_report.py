@@ -353,13 +353,9 @@ def check_ids(meta: dict, ids: dict[str, list[str]]) -> None:
 
 
 def load_study(out: Path, data_dir: Optional[str]) -> Study:
-    raw = json.loads((out / "runs.json").read_text(encoding="utf-8"))
     ids, gold = gold_labels(data_dir)
-    check_ids(raw["meta"], ids)
-    with np.load(out / "dev_predictions.npz", allow_pickle=False) as npz:
-        preds = {k: npz[k] for k in npz.files}
-    conflicts = json.loads((out / "conflicts.json").read_text(encoding="utf-8"))
-    return Study(raw["runs"], preds, conflicts, gold)
+    runs, preds, conflicts = read_copy(out, ids)
+    return Study(runs, preds, conflicts, gold)
 
 
 # ---------------------------------------------------------------- tables
@@ -377,6 +373,22 @@ def unit_name(unit: tuple[str, int]) -> str:
 
 def machines_text(machines: list[str]) -> str:
     return " and ".join(MACHINE_NAME[m] for m in machines)
+
+
+def per_machine_table(study: Study, heading: str, labels: dict[str, str]) -> list[str]:
+    """A markdown table, one row per configuration (shown as labels[config]) and machine:
+    n seeds, then dev and train mean +- std per task."""
+    lines = [f"| {heading} | machine | n | " + " | ".join(f"{TASK_LABEL[t]} dev" for t in TASKS) + " | "
+             + " | ".join(f"{TASK_LABEL[t]} train" for t in TASKS) + " |",
+             "|---|---|---|" + "---|" * 6]
+    for name, label in labels.items():
+        for machine in study.machines([name]):
+            runs = study.by_config(name, machine)
+            cells = [label, MACHINE_NAME[machine], str(len(runs))]
+            cells += [fmt_ms([r[split][t] for r in runs.values() if t in r[split]])
+                      for split in ("dev", "train") for t in TASKS]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def grid_md(study: Study) -> str:
@@ -410,32 +422,14 @@ def grid_md(study: Study) -> str:
               "training data, default heads; SST alone trains only the SST head on that budget. The "
               "default it led to (`make train` now): the same with 5 epochs (1500 steps). One row per "
               "machine; n seeds each.", "",
-              "| configuration | machine | n | " + " | ".join(f"{TASK_LABEL[t]} dev" for t in TASKS) + " | "
-              + " | ".join(f"{TASK_LABEL[t]} train" for t in TASKS) + " |",
-              "|---|---|---|" + "---|" * 6]
-    for name in EXTRA_CONFIGS.values():
-        for machine in study.machines([name]):
-            runs = study.by_config(name, machine)
-            cells = [name, MACHINE_NAME[machine], str(len(runs))]
-            cells += [fmt_ms([r["dev"][t] for r in runs.values() if t in r["dev"]]) for t in TASKS]
-            cells += [fmt_ms([r["train"][t] for r in runs.values() if t in r["train"]]) for t in TASKS]
-            lines.append("| " + " | ".join(cells) + " |")
+              *per_machine_table(study, "configuration", {name: name for name in EXTRA_CONFIGS.values()})]
     methods = [c for c in METHOD_CONFIGS.values() if study.by_config(c)]
     if methods:
         lines += ["", "## The method family", "",
                   "`mtbert-ablate --grid methods --budget 1 --train-limit 100000`: every `--combine` method on "
                   "the base configuration (300 steps of batch 16 per task drawn from all training rows, lr 1e-4, "
                   "default heads). One row per method and machine.", "",
-                  "| method | machine | n | " + " | ".join(f"{TASK_LABEL[t]} dev" for t in TASKS) + " | "
-                  + " | ".join(f"{TASK_LABEL[t]} train" for t in TASKS) + " |",
-                  "|---|---|---|" + "---|" * 6]
-        for name in methods:
-            for machine in study.machines([name]):
-                runs = study.by_config(name, machine)
-                cells = [name.split(": ", 1)[1], MACHINE_NAME[machine], str(len(runs))]
-                cells += [fmt_ms([r["dev"][t] for r in runs.values() if t in r["dev"]]) for t in TASKS]
-                cells += [fmt_ms([r["train"][t] for r in runs.values() if t in r["train"]]) for t in TASKS]
-                lines.append("| " + " | ".join(cells) + " |")
+                  *per_machine_table(study, "method", {name: name.split(": ", 1)[1] for name in methods})]
     dups = identical_configs(study)
     if dups:
         lines += ["", "Identical configurations: " + "; ".join(f"'{a}' and '{b}'" for a, b in dups)
