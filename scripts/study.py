@@ -32,7 +32,7 @@ DEFAULT_EPOCHS = 5  # the embedded default the study led to (1500 steps; see res
 
 def jobs(out: Path, model: str | None, data_dir: str | None, device: str, precision: str):
     """(folder, TrainConfig) pairs in launch order."""
-    from mtbert.ablation import BASE_STEPS, BASE_TRAIN_LIMIT, SEED_GRID, run_config, slug
+    from mtbert.experiments.ablation import BASE_STEPS, BASE_TRAIN_LIMIT, SEED_GRID, run_config, slug
     from mtbert.train import TrainConfig
 
     common = dict(model=model, data_dir=data_dir, device=device, precision=precision, progress=False)

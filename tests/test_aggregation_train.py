@@ -108,7 +108,7 @@ def test_resume_restores_the_method_state(tmp_path, tiny_model_dir, data_dir, mo
 
 
 def test_ablation_grid_of_methods(tmp_path, tiny_model_dir, data_dir):
-    from mtbert.ablation import GRIDS, run_grid
+    from mtbert.experiments.ablation import GRIDS, run_grid
 
     assert [name for name, _ in GRIDS["methods"]] == list(agg.METHODS)
     base = tiny_config(tmp_path, tiny_model_dir, data_dir, max_steps=2, train_limit=16, eval_limit=16,

@@ -114,7 +114,7 @@ def test_options_change_the_training_loss(tmp_path, tiny_model_dir, data_dir):
 
 
 def test_ablation_runner_on_a_tiny_budget(tmp_path, tiny_model_dir, data_dir):
-    from mtbert.ablation import SEED_GRID, run_grid
+    from mtbert.experiments.ablation import SEED_GRID, run_grid
 
     base = tiny_config(tmp_path, tiny_model_dir, data_dir, max_steps=2, train_limit=16, eval_limit=16,
                        out=str(tmp_path / "ablation"))

@@ -12,7 +12,7 @@ import click
 from click.core import ParameterSource
 
 from . import train as training
-from .ablation import GRIDS, run_grid
+from .experiments.ablation import GRIDS, run_grid
 from .checkpoint import META_FILE, CheckpointError, CheckpointWriteError, existing_folder, read_meta, write_json
 from .data import DataDirError, DataFormatError, resolve_data_dir
 from .distributed import DistributedError

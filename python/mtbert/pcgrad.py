@@ -349,10 +349,10 @@ class ConflictStats:
 def gradient_conflicts(grads: Union[Tensor, np.ndarray], *, num_threads: int = 0) -> ConflictStats:
     """Gram matrix, cosines and conflicting pairs of (T, P) ``grads`` (native on the CPU)."""
     if isinstance(grads, np.ndarray):
-        gram, _ = _native.gradient_stats(grads, num_threads=num_threads)
+        gram = _native.gram(grads, num_threads=num_threads)
         return ConflictStats.from_gram(gram)
     if isinstance(grads, Tensor) and _native_ok(grads, None):  # the native core checks the arguments
-        gram, _ = _native.gradient_stats(grads.detach().numpy(), num_threads=num_threads)
+        gram = _native.gram(grads.detach().numpy(), num_threads=num_threads)
     else:
         _check_grads_tensor(grads)
         gram = _gram_torch(grads.detach())

@@ -15,10 +15,10 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from .aggregation import METHODS
-from .plots import plot_ablation
-from .tasks import get_task
-from .train import TrainConfig, train
+from ..aggregation import METHODS
+from ..plots import plot_ablation
+from ..tasks import get_task
+from ..train import TrainConfig, train
 
 _BASE_HEADS = {"dropout_sst": 0.3, "dropout_para": 0.3, "dropout_sts": 0.3}
 _FINAL = {"combine": "pcgrad"}  # the default heads are the published final architecture
