@@ -52,27 +52,6 @@ fn gram<'py>(
     Ok(PyArray1::from_vec(py, g).reshape([tasks, tasks])?)
 }
 
-/// Gram and cosine matrices of the (T, P) float32 `grads`; see `_native.pyi`.
-#[pyfunction]
-#[pyo3(signature = (grads, *, num_threads=None))]
-#[allow(clippy::type_complexity)]
-fn gradient_stats<'py>(
-    py: Python<'py>,
-    grads: &Bound<'py, PyAny>,
-    num_threads: Option<&Bound<'py, PyAny>>,
-) -> NativeResult<(Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>)> {
-    let (grads_arr, tasks, _) = checked_grads(grads)?;
-    let threads = threads_arg(num_threads)?;
-    let ro = grads_arr
-        .try_readonly()
-        .map_err(|e| value(format!("grads: {e}")))?;
-    let slice = ro.as_slice().map_err(|e| value(e.to_string()))?;
-    let g = detached(py, "gradient_stats", || engine::gram(slice, tasks, threads))??;
-    let cos = engine::cosine(&g, tasks);
-    let to_array = |v: Vec<f64>| PyArray1::from_vec(py, v).reshape([tasks, tasks]);
-    Ok((to_array(g)?, to_array(cos)?))
-}
-
 // ---------------------------------------------------------------------------------------
 // combine: sum_k weights[k] * grads[k]
 // ---------------------------------------------------------------------------------------
@@ -256,10 +235,9 @@ fn pcgrad<'py>(
     Ok(out_arr.into_any())
 }
 
-/// Adds `pcgrad`, `gradient_stats`, `gram`, `combine` and `MAX_TASKS` to `m`.
+/// Adds `pcgrad`, `gram`, `combine` and `MAX_TASKS` to `m`.
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(pcgrad, m)?)?;
-    m.add_function(wrap_pyfunction!(gradient_stats, m)?)?;
     m.add("MAX_TASKS", engine::MAX_TASKS)?;
     m.add_function(wrap_pyfunction!(gram, m)?)?;
     m.add_function(wrap_pyfunction!(combine, m)?)?;

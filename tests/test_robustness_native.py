@@ -1,7 +1,7 @@
 """Hostile calls into the native extension: each returns or raises a Python exception.
 
-Every public native entry point (``mtbert._native.pcgrad``, ``gradient_stats``, ``gram``,
-``combine``, the ``_WordPiece`` class and its methods, and the Python wrappers that call them) gets a
+Every public native entry point (``mtbert._native.pcgrad``, ``gram``, ``combine``, the
+``_WordPiece`` class and its methods, and the Python wrappers that call them) gets a
 batch of hostile calls: huge, negative and zero sizes, huge thread counts, wrong types,
 dtypes and shapes, non-contiguous and read-only arrays, NaN/inf, bad orders, huge T, empty
 inputs and odd Unicode. The batch runs in a child Python process with a timeout, so an
@@ -120,11 +120,9 @@ grads_cases = {
 }
 for name, grads in grads_cases.items():
     attempt(f"pcgrad_grads_{name}", lambda: f(grads, seed=0))
-    attempt(f"stats_grads_{name}", lambda: _native.gradient_stats(grads))
 attempt("pcgrad_t_max", lambda: f(np.random.default_rng(1).standard_normal((_native.MAX_TASKS, 2)).astype(np.float32), seed=3))
 for threads in (0, 2, -1, 10**5, 2**63, 2**70, -(2**70), 1.5, "2", True, np.int64(2), _native.MAX_THREADS + 1, None):
     attempt(f"pcgrad_threads_{threads!r}", lambda: f(G, seed=0, num_threads=threads))
-    attempt(f"stats_threads_{threads!r}", lambda: _native.gradient_stats(G, num_threads=threads))
 orders = {
     "repeat": [[0, 0, 1], [0, 1, 2], [0, 1, 2]],
     "zeros": np.zeros((3, 3), np.int64),
@@ -166,15 +164,14 @@ for name, gram in {"shape": np.zeros((3, 2)), "dtype": np.zeros((3, 3), np.float
 '''
 
 
-def test_pcgrad_and_gradient_stats_survive_hostile_calls():
+def test_pcgrad_survives_hostile_calls():
     got = run_child(PCGRAD_BATCH)
-    assert len(got) > 100
+    assert len(got) > 70
     expect(
         got,
         pcgrad_grads_t5000="raised ValueError: grads has 5000 tasks; at most 512",
         pcgrad_grads_t_max_plus_1="raised ValueError",
         pcgrad_grads_t_huge_no_columns="raised ValueError",
-        stats_grads_t5000="raised ValueError",
         pcgrad_t_max="returned ndarray float32 (2,)",
         pcgrad_grads_p0="returned ndarray float32 (0,)",
         pcgrad_grads_unaligned="raised ValueError",
@@ -183,7 +180,7 @@ def test_pcgrad_and_gradient_stats_survive_hostile_calls():
         pcgrad_grads_huge_finite="returned",
         **{"pcgrad_threads_100000": "raised ValueError: num_threads must be at most 1024"},
         **{"pcgrad_threads_1180591620717411303424": "raised ValueError: num_threads must be at most 1024"},
-        **{"stats_threads_-1180591620717411303424": "raised ValueError: num_threads must be >= 0"},
+        **{"pcgrad_threads_-1180591620717411303424": "raised ValueError: num_threads must be >= 0"},
         **{"pcgrad_threads_-1": "raised ValueError", "pcgrad_threads_1.5": "raised TypeError"},
         **{"pcgrad_threads_2": "returned", "pcgrad_threads_None": "returned"},
         pcgrad_order_repeat="raised ValueError: order row 0 is not a permutation",
@@ -225,13 +222,11 @@ def fuzz(T, P, threads, value, seed, order_kind, reduction, eps):
         "wide": np.zeros((T, T + 1), np.int64) if T <= 8 else None,
     }[order_kind]
     n["calls"] += 1
-    for fn in (lambda: _native.pcgrad(grads, order=order, seed=seed if order is None else None,
-                                      reduction=reduction, eps=eps, num_threads=threads),
-               lambda: _native.gradient_stats(grads, num_threads=threads)):
-        try:
-            fn()
-        except (ValueError, TypeError):
-            pass
+    try:
+        _native.pcgrad(grads, order=order, seed=seed if order is None else None,
+                       reduction=reduction, eps=eps, num_threads=threads)
+    except (ValueError, TypeError):
+        pass
 
 
 fuzz()
@@ -265,8 +260,10 @@ grads_cases = {
     "nan": np.where(np.arange(192).reshape(3, 64) == 100, np.nan, G).astype(np.float32),
     "inf": np.where(np.arange(192).reshape(3, 64) == 5, -np.inf, G).astype(np.float32),
     "huge_finite": np.full((3, 64), 3e38, np.float32),
+    "denormal": np.full((3, 64), 1e-45, np.float32),
     "list": G.tolist(),
     "none": None,
+    "str": "grads",
 }
 for name, grads in grads_cases.items():
     attempt(f"gram_grads_{name}", lambda: _native.gram(grads))
@@ -330,6 +327,8 @@ def test_gram_and_combine_survive_hostile_calls():
         combine_grads_readonly="returned",
         gram_grads_nan="raised ValueError: grads contains a non-finite value",
         gram_grads_huge_finite="returned",
+        gram_grads_denormal="returned ndarray float64 (3, 3)",
+        gram_grads_str="raised ValueError: grads must be a numpy.ndarray of float32",
         **{"gram_threads_100000": "raised ValueError: num_threads must be at most 1024"},
         **{"combine_threads_1025": "raised ValueError: num_threads must be at most 1024"},
         **{"combine_threads_1180591620717411303424": "raised ValueError: num_threads must be at most 1024"},
@@ -510,7 +509,7 @@ def test_tokenizer_hypothesis_fuzz_in_child():
 
 WRAPPERS_BATCH = '''
 import torch
-from mtbert.pcgrad import pcgrad, pcgrad_torch, gradient_conflicts
+from mtbert.mtl.pcgrad import pcgrad, pcgrad_torch, gradient_conflicts
 
 for name, grads in {"t5000_cpu_f32": torch.zeros(5000, 2), "t5000_f64": torch.zeros(5000, 2, dtype=torch.float64),
                     "t0": torch.zeros(0, 4), "ndim1": torch.zeros(4), "int": torch.zeros(3, 4, dtype=torch.int64),
@@ -525,7 +524,7 @@ attempt("torch_order_repeat", lambda: pcgrad_torch(G.double(), order=[[0, 0, 0],
 attempt("torch_t_max_plus_1", lambda: pcgrad_torch(torch.zeros(_native.MAX_TASKS + 1, 2, dtype=torch.float64)))
 
 # The multi-task methods' engine and aggregate, as the training loop calls them.
-from mtbert import aggregation as agg
+from mtbert.mtl import aggregation as agg
 
 attempt("agg_gram_t5000", lambda: agg.gram(torch.zeros(5000, 2)))
 attempt("agg_gram_t5000_f64", lambda: agg.gram(torch.zeros(5000, 2, dtype=torch.float64)))
@@ -538,7 +537,7 @@ attempt("agg_gradvac_order_repeat", lambda: agg.aggregate(G, "gradvac", order=[[
 # The tokenizer as a user calls it.
 import tempfile
 from pathlib import Path
-from mtbert.tokenizer import WordPieceTokenizer
+from mtbert.data.tokenizer import WordPieceTokenizer
 
 path = Path(tempfile.mkdtemp()) / "vocab.txt"
 path.write_text(VOCAB, encoding="utf-8")

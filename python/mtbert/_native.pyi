@@ -1,6 +1,6 @@
-"""Type stubs of the private Rust extension `mtbert._native` (rust/py.rs)."""
+"""Type stubs of the private Rust extension `mtbert._native` (rust/py.rs and rust/py_*.rs)."""
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -8,9 +8,10 @@ import numpy.typing as npt
 __version__: str
 
 MAX_THREADS: int  # 1024: the most num_threads a call accepts (0/None: all cores)
-MAX_TASKS: int  # 512: the most tasks pcgrad / gradient_stats / gram / combine accept (T x T algebra: O(T^3))
+MAX_TASKS: int  # 512: the most tasks pcgrad / gram / combine accept (T x T algebra: O(T^3))
 
-# ==== WordPiece stubs (owned by the tokenizer work) ====
+# ==== Tokenizer (rust/py_tokenizer.rs) ====
+
 class _WordPiece:
     """BERT WordPiece tokenizer (use mtbert.WordPieceTokenizer instead)."""
 
@@ -26,7 +27,7 @@ class _WordPiece:
         max_length: Optional[int] = None,
         truncation: bool = True,
         pad_to_max_length: bool = False,
-        num_threads: Optional[int] = 0,
+        num_threads: Optional[int] = None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """TypeError for non-str texts or a non-int max_length/num_threads; ValueError for a
         negative max_length, too few for the special tokens, num_threads outside
@@ -51,9 +52,30 @@ class _WordPiece:
     @property
     def mask_id(self) -> Optional[int]: ...
 
-# ==== end WordPiece stubs ====
+# ==== end Tokenizer ====
 
-# ==== PCGrad (rust/pcgrad.rs) ====
+# ==== Gram-space engine: gram, combine, pcgrad (rust/py_engine.rs) ====
+
+def gram(grads: npt.NDArray[np.float32], *, num_threads: Optional[int] = None) -> npt.NDArray[np.float64]:
+    """(T, T) float64 Gram matrix g_i · g_j of ``grads`` (T, P) float32 (C-contiguous,
+    aligned), in one fused pass: float32 lanes per 1024-column block, float64 sums,
+    bit-for-bit independent of ``num_threads`` (in [0, MAX_THREADS]; 0 or None: all
+    cores). Runs without the GIL. Raises ValueError on NaN/inf, a wrong dtype, ndim, shape
+    or layout, T < 1 or T > MAX_TASKS, a bad ``num_threads``; TypeError for a non-int
+    ``num_threads``. Cosines follow: G[i, j] / sqrt(G[i, i] * G[j, j]) (0 for a zero
+    gradient)."""
+
+def combine(
+    grads: npt.NDArray[np.float32],
+    weights: npt.ArrayLike,
+    *,
+    out: Optional[npt.NDArray[np.float32]] = None,
+    num_threads: Optional[int] = None,
+) -> npt.NDArray[np.float32]:
+    """(P,) float32 ``sum_k weights[k] * grads[k]`` in one pass (float64 accumulation per
+    element, one rounding); ``weights``: T finite reals; into ``out`` (P,) when given (it
+    must not overlap ``grads``). Same checks as ``gram``, plus ValueError for weights that
+    are not T finite reals or an unusable ``out``."""
 
 def pcgrad(
     grads: npt.NDArray[np.float32],
@@ -63,7 +85,7 @@ def pcgrad(
     reduction: str = "mean",
     eps: float = 1e-12,
     out: Optional[npt.NDArray[np.float32]] = None,
-    num_threads: Optional[int] = 0,
+    num_threads: Optional[int] = None,
     gram_out: Optional[npt.NDArray[np.float64]] = None,
 ) -> npt.NDArray[np.float32]:
     """PCGrad of ``grads`` (T, P), C-contiguous float32 (a CPU tensor's ``.numpy()``).
@@ -83,32 +105,4 @@ def pcgrad(
     ``num_threads``.
     """
 
-def gradient_stats(
-    grads: npt.NDArray[np.float32], *, num_threads: Optional[int] = 0
-) -> Tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """(gram, cosine), both (T, T) float64: g_i · g_j and the cosines (0 for a zero
-    gradient), from one pass over ``grads`` (T, P) float32. Same checks as ``pcgrad``."""
-
-# ==== end PCGrad ====
-
-# ==== Gram engine stubs (owned by the multi-task methods work, issue 13) ====
-def gram(grads: npt.NDArray[np.float32], *, num_threads: Optional[int] = 0) -> npt.NDArray[np.float64]:
-    """(T, T) float64 Gram matrix g_i · g_j of ``grads`` (T, P) float32 (C-contiguous,
-    aligned), in one fused pass: float32 lanes per 1024-column block, float64 sums,
-    bit-for-bit independent of ``num_threads`` (in [0, MAX_THREADS]; 0 or None: all
-    cores). Runs without the GIL. Raises ValueError on NaN/inf, a wrong dtype, ndim, shape
-    or layout, T < 1 or T > MAX_TASKS, a bad ``num_threads``; TypeError for a non-int
-    ``num_threads``."""
-
-def combine(
-    grads: npt.NDArray[np.float32],
-    weights: npt.ArrayLike,
-    *,
-    out: Optional[npt.NDArray[np.float32]] = None,
-    num_threads: Optional[int] = 0,
-) -> npt.NDArray[np.float32]:
-    """(P,) float32 ``sum_k weights[k] * grads[k]`` in one pass (float64 accumulation per
-    element, one rounding); ``weights``: T finite reals; into ``out`` (P,) when given (it
-    must not overlap ``grads``). Same checks as ``gram``, plus ValueError for weights that
-    are not T finite reals or an unusable ``out``."""
-# ==== end Gram engine stubs ====
+# ==== end Gram-space engine ====
