@@ -29,7 +29,7 @@ def _missing(reason: str):
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    from mtbert.data import DataDirError, resolve_data_dir
+    from mtbert.data.readers import DataDirError, resolve_data_dir
 
     try:
         return resolve_data_dir(None)
@@ -39,7 +39,7 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from mtbert.pretrained import ModelFolderError, resolve_model_dir
+    from mtbert.model.pretrained import ModelFolderError, resolve_model_dir
 
     try:
         return resolve_model_dir(None)
@@ -54,8 +54,8 @@ def tiny_model_dir(tmp_path_factory, model_dir) -> Path:
 
     import torch
 
-    from mtbert.config import BertConfig
-    from mtbert.model import BertModel
+    from mtbert.model.config import BertConfig
+    from mtbert.model.bert import BertModel
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
@@ -68,7 +68,7 @@ def tiny_model_dir(tmp_path_factory, model_dir) -> Path:
 
 def tiny_config(tmp_path: Path, tiny_model_dir: Path, data_dir: Path, **overrides):
     """A TrainConfig for a few quick steps of the tiny model on small data slices."""
-    from mtbert.train import TrainConfig
+    from mtbert.training import TrainConfig
 
     values = dict(model=str(tiny_model_dir), data_dir=str(data_dir), out=str(tmp_path / "run"),
                   max_steps=12, train_limit=48, eval_limit=40, batch_size=8, max_length=48,

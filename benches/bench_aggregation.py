@@ -1,4 +1,4 @@
-"""Speed of the multi-task gradient methods (mtbert.aggregation) at T = 3, 8, 16 tasks and
+"""Speed of the multi-task gradient methods (mtbert.mtl.aggregation) at T = 3, 8, 16 tasks and
 P = 22.7M (MiniLM-L6) and 110M (BERT-base, marked slow), float32 on the CPU.
 
 Three timings per method and size, compared within one run:
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from mtbert import aggregation as agg
-from mtbert.pcgrad import pcgrad_naive
+import mtbert.aggregation as agg
+from mtbert.mtl.pcgrad import pcgrad_naive
 
 SIZES = {"22.7M": 22_700_000, "110M": 110_000_000}
 TASKS = (3, 8, 16)

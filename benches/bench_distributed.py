@@ -102,15 +102,15 @@ def sync_costs(num_tasks: int, shared: int, heads: int, reps: int) -> dict:
 
 
 def parameter_counts(model: str | None) -> dict:
-    from mtbert.config import BertConfig
-    from mtbert.model import BertModel
-    from mtbert.pretrained import resolve_model_dir
+    from mtbert.model.config import BertConfig
+    from mtbert.model.bert import BertModel
+    from mtbert.model.pretrained import resolve_model_dir
 
     folder = resolve_model_dir(model)
     minilm = BertConfig.from_dict(json.loads((folder / "config.json").read_text()))
     base = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                       intermediate_size=3072, max_position_embeddings=512)
-    from mtbert.multitask import MultitaskBert, MultitaskConfig
+    from mtbert.model.multitask import MultitaskBert, MultitaskConfig
     counts = {}
     with torch.device("meta"):  # shapes only, no memory
         for name, cfg in (("MiniLM-L6 (H=384)", minilm), ("BERT-base (H=768)", base)):

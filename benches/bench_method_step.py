@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import pytest
 
-from mtbert import aggregation as agg
-from mtbert.train import TrainConfig, build_run, train_step
+import mtbert.aggregation as agg
+from mtbert.training import TrainConfig, build_run, train_step
 
 ROUNDS = 5
 

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from mtbert.model import BertModel
+from mtbert.model.bert import BertModel
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

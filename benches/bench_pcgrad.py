@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from mtbert import _native
-from mtbert.pcgrad import pcgrad_naive, pcgrad_torch, random_orders
+from mtbert.mtl.pcgrad import pcgrad_naive, pcgrad_torch, random_orders
 
 T = 3
 SIZES = {"22.7M": 22_700_000, "110M": 110_000_000}

@@ -38,8 +38,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from mtbert.data import SPLITS, TASKS, all_sentences, load_split
-from mtbert.tokenizer import WordPieceTokenizer
+from mtbert.data.readers import SPLITS, TASKS, all_sentences, load_split
+from mtbert.data.tokenizer import WordPieceTokenizer
 
 MAX_LEN = 128
 SUBSET_STRIDE_DISABLED = 36  # cases run once on this subset under --benchmark-disable

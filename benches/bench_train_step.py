@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtbert.evaluate import autocast_context
-from mtbert.train import build_run, compute_task_loss, lr_factor, step_tasks, train_step
+from mtbert.evaluation.evaluate import autocast_context
+from mtbert.training import build_run, compute_task_loss, lr_factor, step_tasks, train_step
 
 from conftest import tiny_config
 

@@ -33,7 +33,7 @@ DEFAULT_EPOCHS = 5  # the embedded default the study led to (1500 steps; see res
 def jobs(out: Path, model: str | None, data_dir: str | None, device: str, precision: str):
     """(folder, TrainConfig) pairs in launch order."""
     from mtbert.experiments.ablation import BASE_STEPS, BASE_TRAIN_LIMIT, SEED_GRID, run_config, slug
-    from mtbert.train import TrainConfig
+    from mtbert.training import TrainConfig
 
     common = dict(model=model, data_dir=data_dir, device=device, precision=precision, progress=False)
     grid_base = TrainConfig(**common, max_steps=int(BASE_STEPS * GRID_BUDGET),
@@ -55,7 +55,7 @@ def jobs(out: Path, model: str | None, data_dir: str | None, device: str, precis
 def run_one(folder: str, cfg_dict: dict, launch_deadline: float) -> tuple[str, float, str]:
     if time.time() > launch_deadline:
         return folder, 0.0, "not started (launch deadline passed)"
-    from mtbert.train import TrainConfig, train
+    from mtbert.training import TrainConfig, train
 
     path = Path(folder)
     path.mkdir(parents=True, exist_ok=True)

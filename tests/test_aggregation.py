@@ -1,4 +1,4 @@
-"""Multi-task gradient methods (mtbert.aggregation): each Gram-space method against a
+"""Multi-task gradient methods (mtbert.mtl.aggregation): each Gram-space method against a
 direct float64 torch implementation on the (T, P) vectors written from its paper; the
 properties the papers state; LibMTL where the algorithms are the same (and pinned
 differences where they are not); the engine's native and torch paths; the wrapper."""
@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from mtbert import _native
-from mtbert import aggregation as agg
-from mtbert.pcgrad import pcgrad, pcgrad_naive
+import mtbert.aggregation as agg
+from mtbert.mtl.methods import cagrad as cagrad_method
+from mtbert.mtl.pcgrad import pcgrad, pcgrad_naive
 
 TOL = 1e-5
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -147,7 +148,7 @@ def cagrad_direct(g, c, rescale=1):
             x /= x.sum()
         gw = torch.from_numpy(x) @ g
         # A vanishing g_w (0 in the hull) has no direction: d = g0, as ours.
-        d = g0 + radius * gw / gw.norm() if gw.norm() > agg._CAGRAD_ZERO * input_scale(g) else g0
+        d = g0 + radius * gw / gw.norm() if gw.norm() > cagrad_method._NO_DIRECTION * input_scale(g) else g0
     return d / {0: 1.0, 1: 1 + c * c, 2: 1 + c}[rescale], x
 
 
@@ -366,7 +367,7 @@ def test_argument_errors():
         agg.aggregate(g, "cagrad", beta=0.1)
     for name, options, message in [("cagrad", {"c": -1}, "c must be >= 0"),
                                    ("cagrad", {"rescale": 3}, "rescale must be"),
-                                   ("gradvac", {"beta": 2}, "beta must be in"),
+                                   ("gradvac", {"beta": 2}, "beta must be >= 0 and <= 1"),
                                    ("pcgrad", {"reduction": "avg"}, "reduction must be"),
                                    ("aligned", {"scale": "max"}, "scale must be"),
                                    ("dwa", {"temperature": 0}, "temperature must be"),

@@ -13,10 +13,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mtbert import aggregation as agg
-from mtbert import checkpoint as ckpt
+import mtbert.aggregation as agg
+from mtbert.checkpoint import format as ckpt
 from mtbert.cli import train_cmd
-from mtbert.train import TrainConfig, train
+from mtbert.training import TrainConfig, train
 
 from conftest import tiny_config
 
@@ -43,7 +43,7 @@ def test_each_method_trains_and_logs_its_weights(tmp_path, tiny_model_dir, data_
     saved = json.loads((Path(cfg.out) / "last" / ckpt.STATE_JSON).read_text())
     assert saved["aggregation"]["method"] == method  # the method's state, under the resume key
     if method == "cagrad":  # mtbert-eval --plots draws the weights over training
-        from mtbert.plots import plot_run
+        from mtbert.evaluation.plots import plot_run
 
         written = plot_run(Path(cfg.out))
         assert Path(cfg.out) / "method_weights.png" in written
@@ -61,7 +61,7 @@ def test_method_options_are_flags_saved_in_the_checkpoint(tmp_path, tiny_model_d
     train_cfg = ckpt.read_meta(out / "last")["train"]
     assert train_cfg["combine"] == "cagrad" and train_cfg["cagrad_c"] == 0.7
     cfg = TrainConfig.from_dict(train_cfg)
-    assert agg.method_from_config(cfg).options["c"] == 0.7
+    assert cfg.make_method().options["c"] == 0.7
     bad = CliRunner().invoke(train_cmd, args[:-4] + ["--combine", "adam", "--no-progress"])
     assert bad.exit_code != 0 and "adam" in bad.output
     with pytest.raises(ValueError, match="c must be >= 0"):

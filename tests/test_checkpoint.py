@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtbert import checkpoint as ckpt
-from mtbert.config import BertConfig
-from mtbert.inference import load_checkpoint
-from mtbert.multitask import MultitaskBert, MultitaskConfig
-from mtbert.tokenizer import WordPieceTokenizer
+from mtbert.checkpoint import format as ckpt
+from mtbert.model.config import BertConfig
+from mtbert.evaluation.inference import load_checkpoint
+from mtbert.model.multitask import MultitaskBert, MultitaskConfig
+from mtbert.data.tokenizer import WordPieceTokenizer
 
 TINY = dict(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
             max_position_embeddings=64)

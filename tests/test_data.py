@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mtbert.data import (
+from mtbert.data.readers import (
     DataDirError,
     DataFormatError,
     MalformedRowWarning,
@@ -144,7 +144,7 @@ def test_resolution_order(tmp_path, monkeypatch):
 def test_no_data_anywhere_lists_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.delenv("MTBERT_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
-    import mtbert.data as data_module
+    import mtbert.data.readers as data_module
     monkeypatch.setattr(data_module, "__file__", str(tmp_path / "a" / "b" / "c" / "data.py"))
     with pytest.raises(DataDirError, match="looked in") as err:
         resolve_data_dir(None)

@@ -19,16 +19,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mtbert import checkpoint as ckpt
-from mtbert.batches import TaskBatch
+from mtbert.checkpoint import format as ckpt
+from mtbert.data.batches import TaskBatch
 from mtbert.cli import export_cmd
-from mtbert.data import load_split
-from mtbert.export import HEADS_DIR, HEADS_FILE, export_checkpoint, load_export, st_pooling_mode
-from mtbert.inference import load_checkpoint
-from mtbert.model import BertModel
-from mtbert.multitask import MultitaskBert, MultitaskConfig
-from mtbert.tokenizer import WordPieceTokenizer
-from mtbert.train import train
+from mtbert.data.readers import load_split
+from mtbert.checkpoint.export import HEADS_DIR, HEADS_FILE, export_checkpoint, load_export, st_pooling_mode
+from mtbert.evaluation.inference import load_checkpoint
+from mtbert.model.bert import BertModel
+from mtbert.model.multitask import MultitaskBert, MultitaskConfig
+from mtbert.data.tokenizer import WordPieceTokenizer
+from mtbert.training import train
 
 from conftest import tiny_config
 
@@ -211,7 +211,7 @@ def test_unsupported_pooling_is_named():
 def test_export_imports_neither_oracle(tmp_path, tiny_model_dir):
     source = save_checkpoint(tmp_path / "ckpt", BertModel.from_pretrained(tiny_model_dir),
                              tiny_model_dir / "vocab.txt", pooling="mean")
-    code = ("import sys; from mtbert.export import export_checkpoint; "
+    code = ("import sys; from mtbert.checkpoint.export import export_checkpoint; "
             f"export_checkpoint({str(source)!r}, {str(tmp_path / 'out')!r}); "
             "bad = [m for m in ('transformers', 'sentence_transformers', 'tokenizers') if m in sys.modules]; "
             "assert not bad, bad")

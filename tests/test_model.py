@@ -15,9 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from mtbert.config import BertConfig
-from mtbert.model import BertModel, BertOutput, CheckpointError
-from mtbert.pretrained import ModelFolderError
+from mtbert.model.config import BertConfig
+from mtbert.model.bert import BertModel, BertOutput, CheckpointError
+from mtbert.model.pretrained import ModelFolderError
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -88,7 +88,7 @@ def real_batches(hf_tokenizer, data_dir):
 
 
 def real_batch(tokenizer, task: str, n: int = 16):
-    from mtbert.data import load_split
+    from mtbert.data.readers import load_split
 
     examples = load_split(task, "dev").examples
     # Every 7th example: varied lengths, so rows carry different amounts of padding.

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from mtbert.optim import AdamW
+from mtbert.model.optim import AdamW
 
 
 def small_model(seed: int = 0) -> nn.Module:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from mtbert import _native
-from mtbert import pcgrad as pcg
+from mtbert.mtl import pcgrad as pcg
 from mtbert.pcgrad import (
     PCGrad,
     gradient_conflicts,
@@ -203,7 +203,7 @@ def test_zero_gradients_never_nan():
         assert (pcgrad_torch(torch.from_numpy(g), seed=1, eps=eps) == 0).all()
     g[1] = make_grads("random", 1, 1000, 0)[0]
     assert np.isfinite(_native.pcgrad(g, seed=2, eps=0.0)).all()
-    _, cos = _native.gradient_stats(g)
+    cos = gradient_conflicts(g).cosine.numpy()  # cosines from _native.gram's Gram matrix
     assert np.isfinite(cos).all() and cos[0, 1] == 0 and cos[1, 1] == pytest.approx(1.0)
 
 
@@ -277,7 +277,7 @@ def test_bad_grads_raise(grads, match):
     with pytest.raises(ValueError, match=match):
         _native.pcgrad(grads)
     with pytest.raises(ValueError, match=match):
-        _native.gradient_stats(grads)
+        _native.gram(grads)
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -287,7 +287,7 @@ def test_non_finite_raises_with_location(value):
     with pytest.raises(ValueError, match=r"non-finite .* task 2, index 17"):
         _native.pcgrad(g, seed=0)
     with pytest.raises(ValueError, match=r"task 2, index 17"):
-        _native.gradient_stats(g)
+        _native.gram(g)
     with pytest.raises(ValueError, match=r"non-finite .* task 2, index 17"):
         pcgrad_torch(torch.from_numpy(g.astype(np.float64)), seed=0)
     with pytest.raises(ValueError, match=r"non-finite"):

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from mtbert.data import load_split
-from mtbert.model import BertModel
-from mtbert.multitask import MultitaskBert, TaskBatch
-from mtbert.regularization import capture_rng, class_weights, head_penalty, smart_loss
-from mtbert.train import TrainConfig, build_model_config
+from mtbert.data.readers import load_split
+from mtbert.model.bert import BertModel
+from mtbert.model.multitask import MultitaskBert, TaskBatch
+from mtbert.model.regularization import capture_rng, class_weights, head_penalty, smart_loss
+from mtbert.training import TrainConfig, build_model_config
 
 from conftest import tiny_config
 
@@ -95,7 +95,7 @@ def test_head_variants_change_structure(tiny_model_dir):
 
 
 def test_options_change_the_training_loss(tmp_path, tiny_model_dir, data_dir):
-    from mtbert.train import train
+    from mtbert.training import train
     import json
 
     def first_losses(name, **kw):

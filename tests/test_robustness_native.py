@@ -509,7 +509,7 @@ def test_tokenizer_hypothesis_fuzz_in_child():
 
 WRAPPERS_BATCH = '''
 import torch
-from mtbert.mtl.pcgrad import pcgrad, pcgrad_torch, gradient_conflicts
+from mtbert.pcgrad import pcgrad, pcgrad_torch, gradient_conflicts
 
 for name, grads in {"t5000_cpu_f32": torch.zeros(5000, 2), "t5000_f64": torch.zeros(5000, 2, dtype=torch.float64),
                     "t0": torch.zeros(0, 4), "ndim1": torch.zeros(4), "int": torch.zeros(3, 4, dtype=torch.int64),
@@ -524,7 +524,7 @@ attempt("torch_order_repeat", lambda: pcgrad_torch(G.double(), order=[[0, 0, 0],
 attempt("torch_t_max_plus_1", lambda: pcgrad_torch(torch.zeros(_native.MAX_TASKS + 1, 2, dtype=torch.float64)))
 
 # The multi-task methods' engine and aggregate, as the training loop calls them.
-from mtbert.mtl import aggregation as agg
+import mtbert.aggregation as agg
 
 attempt("agg_gram_t5000", lambda: agg.gram(torch.zeros(5000, 2)))
 attempt("agg_gram_t5000_f64", lambda: agg.gram(torch.zeros(5000, 2, dtype=torch.float64)))

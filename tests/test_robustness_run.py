@@ -25,12 +25,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from mtbert import checkpoint as ckpt
-from mtbert import runfolder
+from mtbert.checkpoint import format as ckpt
+from mtbert.checkpoint import runfolder
 from mtbert.cli import eval_cmd, predict_cmd, train_cmd
-from mtbert.data import DataFormatError, DuplicateIdWarning, load_split
-from mtbert.finite import NonFiniteError
-from mtbert.train import MetricsLog, TrainConfig, train
+from mtbert.data.readers import DataFormatError, DuplicateIdWarning, load_split
+from mtbert.training.finite import NonFiniteError
+from mtbert.training import MetricsLog, TrainConfig, train
 
 from conftest import tiny_config
 
@@ -77,7 +77,7 @@ def _hold_lock(out: Path) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from mtbert.runfolder import locked_run_folder
+        from mtbert.checkpoint.runfolder import locked_run_folder
         with locked_run_folder(Path({str(out)!r})):
             print("locked", flush=True)
             time.sleep(600)
@@ -249,7 +249,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
 
 def _nan_at(step_to_fail: int, task: str, kind: str):
     """A compute_task_loss that goes non-finite for `task` at 1-based step `step_to_fail`."""
-    import mtbert.train as train_module
+    import mtbert.training.step as train_module
     real = train_module.compute_task_loss
     calls = {"n": 0}
 
@@ -274,7 +274,7 @@ def _nan_at(step_to_fail: int, task: str, kind: str):
 ])
 def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(
         tmp_path, tiny_model_dir, data_dir, monkeypatch, kind, grad_clip, needle):
-    import mtbert.train as train_module
+    import mtbert.training.step as train_module
     monkeypatch.setattr(train_module, "compute_task_loss", _nan_at(6, "sts", kind))
     out = tmp_path / "run"
     result = CliRunner().invoke(train_cmd, cli_args(out, tiny_model_dir, data_dir, 10, "--save-every", "2",
@@ -300,7 +300,7 @@ def test_a_huge_learning_rate_stops_with_a_message_not_a_nan_checkpoint(tmp_path
 
 def test_weights_that_became_non_finite_are_not_saved(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, max_steps=6, save_every=2)
-    import mtbert.train as train_module
+    import mtbert.training.step as train_module
     real_step = train_module.AdamW.step
 
     def poisoning_step(self, *args, **kwargs):
@@ -371,8 +371,8 @@ CONFIG_VALUES = [(f[0][2:].replace("-", "_"), f[1], message) for f, message in B
 @pytest.mark.parametrize("name, raw, message", CONFIG_VALUES, ids=[f"{n}={r}" for n, r, _ in CONFIG_VALUES])
 def test_config_values_are_checked_like_flags(name, raw, message):
     """Config files and Python callers go through TrainConfig: same limits, same words."""
-    from mtbert.validation import LIMITS
-    value = raw if name == "device" else LIMITS[name].kind(raw)
+    from mtbert.config import declarations
+    value = raw if name == "device" else declarations(TrainConfig)[name].limit.kind(raw)
     with pytest.raises(ValueError, match=re.escape(message)):
         TrainConfig(**{name: value})
 
@@ -393,7 +393,7 @@ def test_the_registry_options_are_checked_too(values, message):
 
 def test_config_file_types_are_checked(tmp_path):
     from mtbert.cli import _read_config_file
-    from mtbert.train import config_from_sources
+    from mtbert.training import config_from_sources
     path = tmp_path / "run.toml"
     path.write_text('batch-size = "big"\nlr = 0\n')
     with pytest.raises(ValueError, match="batch_size must be an integer.*; lr must be > 0"):
@@ -545,7 +545,7 @@ def _user_task_file(path: Path, fmt: str, rows: list[tuple[str, str, str]]) -> P
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
 def test_user_task_files_take_long_fields_and_refuse_repeated_dev_ids(tmp_path, fmt):
-    from mtbert.tasks import define_task, register
+    from mtbert.data.tasks import define_task, register
     long = "word " * 40000  # 200 000 characters > csv's default 131 072
     train_file = _user_task_file(tmp_path / f"train.{fmt}", fmt, [("a", long, "1"), ("b", "short", "0"),
                                                                   ("a", "again", "0")])

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mtbert.cli import train_cmd
-from mtbert.data import load_split
-from mtbert.train import train
+from mtbert.data.readers import load_split
+from mtbert.training import train
 
 from conftest import tiny_config
 
@@ -61,8 +61,8 @@ def test_unknown_task_lists_valid_ones(data_dir):
 def test_frozen_run_computes_encoder_features_once(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     """Frozen runs cache the encoder's features: the encoder runs once per row at set-up,
     never in a training step, and the cached features are what the encoder gives."""
-    from mtbert import train as training
-    from mtbert.model import BertModel
+    import mtbert.training as training
+    from mtbert.model.bert import BertModel
 
     calls = {"rows": 0}
     original = BertModel.forward

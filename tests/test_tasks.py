@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mtbert.cli import _read_config_file, train_cmd
-from mtbert.data import DataFormatError, MalformedRowWarning, load_split
-from mtbert.tasks import BUILTIN_TASKS, Task, define_task, get_task, register
-from mtbert.train import TrainConfig, train
+from mtbert.data.readers import DataFormatError, MalformedRowWarning, load_split
+from mtbert.data.tasks import BUILTIN_TASKS, Task, define_task, get_task, register
+from mtbert.training import TrainConfig, train
 
 from conftest import tiny_config
 

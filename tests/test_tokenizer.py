@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mtbert.data import SPLITS, TASKS, load_split
-from mtbert.tokenizer import BatchEncoding, WordPieceTokenizer
+from mtbert.data.readers import SPLITS, TASKS, load_split
+from mtbert.data.tokenizer import BatchEncoding, WordPieceTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -19,8 +19,8 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from mtbert.cli import eval_cmd, predict_cmd, train_cmd
-from mtbert.data import load_split
-from mtbert.train import train
+from mtbert.data.readers import load_split
+from mtbert.training import train
 
 from conftest import tiny_config
 
@@ -39,7 +39,7 @@ def test_loss_goes_down_and_checkpoint_loads(tmp_path, tiny_model_dir, data_dir)
     for task in ("sst", "para", "sts"):
         assert last[task] < first[task], (task, first, last)
     assert set(summary["dev"]) == {"sst", "para", "sts"}
-    from mtbert.inference import load_checkpoint
+    from mtbert.evaluation.inference import load_checkpoint
     model, meta, tokenizer = load_checkpoint(out)
     assert meta["train"]["max_steps"] == 40
     assert (out / "best" / "vocab.txt").is_file()
@@ -70,9 +70,10 @@ def test_pcgrad_run_logs_conflicts(tmp_path, tiny_model_dir, data_dir):
     cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, max_steps=4, combine="pcgrad", log_every=2)
     train(cfg)
     records = read_log(Path(cfg.out))
-    per_step = {r["step"] for r in records if r["type"] == "pcgrad" or "pcgrad" in r}
+    per_step = {r["step"] for r in records if r["type"] == "aggregation" or "aggregation" in r}
     assert per_step == {1, 2, 3, 4}
-    rec = next(r for r in records if r["type"] == "pcgrad")
+    rec = next(r for r in records if r["type"] == "aggregation")
+    assert rec["method"] == "pcgrad" and len(rec["weights"]) == 3
     cos = np.array(rec["cosine"])
     assert cos.shape == (3, 3)
     assert np.allclose(np.diag(cos), 1.0, atol=1e-5)
@@ -188,7 +189,7 @@ def test_broken_checkpoint_is_reported(tmp_path, tiny_model_dir, data_dir):
 
 def test_config_file_and_flag_precedence(tmp_path):
     from mtbert.cli import _read_config_file
-    from mtbert.train import config_from_sources
+    from mtbert.training import config_from_sources
     path = tmp_path / "run.toml"
     path.write_text('lr = 3e-5\nbatch-size = 4\ntasks = "sst,sts"\n')
     file_values = _read_config_file(str(path))
@@ -212,7 +213,7 @@ def test_help_lists_every_option():
 
 
 def test_task_sampling_by_size():
-    from mtbert.train import step_tasks, task_probabilities
+    from mtbert.training import step_tasks, task_probabilities
     sizes = {"sst": 8000, "para": 16000, "sts": 4000}
     p = task_probabilities(sizes, "proportional", 1.0)
     assert np.allclose(p, [8 / 28, 16 / 28, 4 / 28])
@@ -236,7 +237,7 @@ def test_temperature_sampling_with_pcgrad_runs(tmp_path, tiny_model_dir, data_di
 def test_loop_phases_alone_give_the_same_weights_as_train(tmp_path, tiny_model_dir, data_dir):
     """build_run + train_step repeated is the training of train() (evaluation and saving
     draw no random numbers), and each stage of a step does its one job."""
-    from mtbert.train import (Evaluator, MetricsLog, backward, build_run, clip_gradients, forward_losses,
+    from mtbert.training import (Evaluator, MetricsLog, backward, build_run, clip_gradients, forward_losses,
                               next_batches, optimizer_step, set_learning_rate, train_step)
     cfg = tiny_config(tmp_path / "whole", tiny_model_dir, data_dir, max_steps=5, combine="pcgrad", grad_clip=0.01)
     train(cfg)

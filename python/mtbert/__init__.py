@@ -4,12 +4,12 @@ The public names are re-exported here; `mtbert._native` (the Rust extension)
 stays private behind `mtbert.tokenizer` and `mtbert.pcgrad`.
 """
 
-from .config import BertConfig
-from .model import BertModel, BertOutput
-from .multitask import MultitaskBert, MultitaskConfig
-from .optim import AdamW
-from .pcgrad import PCGrad, gradient_conflicts  # the module stays `mtbert.pcgrad`
-from .tokenizer import BatchEncoding, WordPieceTokenizer
+from .model.config import BertConfig
+from .model.bert import BertModel, BertOutput
+from .model.multitask import MultitaskBert, MultitaskConfig
+from .model.optim import AdamW
+from .mtl import PCGrad, gradient_conflicts
+from .data.tokenizer import BatchEncoding, WordPieceTokenizer
 
 __version__ = "0.1.0"
 

@@ -11,139 +11,95 @@ from typing import Any, Optional
 import click
 from click.core import ParameterSource
 
-from . import train as training
 from .experiments.ablation import GRIDS, run_grid
-from .checkpoint import META_FILE, CheckpointError, CheckpointWriteError, existing_folder, read_meta, write_json
-from .data import DataDirError, DataFormatError, resolve_data_dir
-from .distributed import DistributedError
-from .evaluate import format_table
-from .export import export_checkpoint
-from .finite import NonFiniteError
-from .inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
-from .plots import plot_run
-from .pretrained import ModelFolderError
-from .schema import train_config_for_resume
-from .tasks import get_task, known_tasks, overall_scores, uses_data_dir
-from .train import PRESETS, TrainConfig, config_from_sources, pick_device, train
-from .validation import DEVICE, LIMITS, MAPPING_LIMITS, option_type
+from .checkpoint.format import META_FILE, existing_folder, read_meta
+from .errors import (CheckpointError, CheckpointWriteError, DataDirError, DataFormatError, DistributedError,
+                     ModelFolderError, NonFiniteError)
+from .files import write_json
+from .data.readers import resolve_data_dir
+from .evaluation.evaluate import format_table
+from .checkpoint.export import export_checkpoint
+from .evaluation.inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
+from .evaluation.plots import plot_run
+from .checkpoint.schema import train_config_for_resume
+from .data.tasks import get_task, overall_scores, uses_data_dir
+from .config import PRESETS, TrainConfig, config_from_sources, declarations, device_problem
+from .limits import Limit
+from .training import pick_device, train
 
 try:  # Python 3.11+
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover
     import tomli as tomllib
 
-# Help text for every training option; the option list is generated from this
-# table and TrainConfig's fields, so the two cannot drift apart.
-TRAIN_HELP: dict[str, str] = {
-    "data_dir": "Data directory (default: $MTBERT_DATA, ./data, then ../shared/data).",
-    "model": "HF-format BERT folder (default: the embedded all-MiniLM-L6-v2).",
-    "out": "Output folder: checkpoints, metrics.jsonl, summary, predictions.",
-    "tasks": f"Comma-separated tasks to train (built in: {', '.join(known_tasks())}; others are "
-             "declared as [tasks.NAME] in --config).",
-    "epochs": "Number of epochs.",
-    "max_steps": "Stop after this many steps (overrides --epochs).",
-    "steps_per_epoch": "Steps in one epoch (0: one pass over --epoch-task).",
-    "epoch_task": "Task whose one pass over the training data is an epoch.",
-    "train_limit": "Use at most N training examples per task.",
-    "eval_limit": "Use at most N dev examples per task for evaluations during training.",
-    "batch_size": "Batch size per task and step.",
-    "eval_batch_size": "Batch size for evaluation.",
-    "lr": "Peak learning rate.",
-    "weight_decay": "AdamW decoupled weight decay.",
-    "warmup": "Fraction of steps with linear warmup (then linear decay to 0).",
-    "grad_clip": "Clip the global gradient norm to this value (0: off).",
-    "combine": "How task gradients combine: sum of losses, PCGrad gradient surgery, or another "
-               "multi-task method (see mtbert.aggregation).",
-    # ---- multi-task method options (issue 13) ----
-    "cagrad_c": "CAGrad's c: radius of the ball around the mean gradient, relative to its norm.",
-    "cagrad_rescale": "CAGrad's rescale: divide by 1 + c^2 (1), 1 + c (2) or nothing (0).",
-    "gradvac_beta": "GradVac's EMA rate of the target cosines.",
-    "nash_max_norm": "Nash-MTL: clip the combined gradient to this norm (0: off).",
-    "aligned_scale": "Aligned-MTL's scale: smallest (min), median or rms singular value.",
-    "dwa_temperature": "DWA's softmax temperature.",
-    "uw_init": "Uncertainty weighting: initial log-variance of every task.",
-    # ---- end multi-task method options ----
-    "pcgrad_reduction": "Combine projected gradients by sum (same scale as --combine sum) or mean.",
-    "sampling": "Tasks per step: all (round-robin) or drawn by size (proportional, temperature).",
-    "temperature": "Temperature T for --sampling temperature (p ~ size^(1/T)).",
-    "max_length": "Maximum sequence length in tokens (longer inputs are truncated).",
-    "bucket": "Batch examples of similar length together (less padding).",
-    "pooling": "Sentence embedding: mean of tokens, [CLS], or the pooler.",
-    "pair_encoding": "Pairs: joint ([CLS] A [SEP] B [SEP]) or separate ([u, v, |u-v|, u*v]).",
-    "dropout": "Head dropout of a task, TASK=P (repeat the flag, or comma-separate: sst=0.5,sts=0.3).",
-    "dropout_sst": "Dropout of the sentiment head (default 0.5).",
-    "dropout_para": "Dropout of the paraphrase head (default 0.3).",
-    "dropout_sts": "Dropout of the similarity head (default 0.5).",
-    "dropout_cfimdb": "Dropout of the CFIMDB head (default 0.3).",
-    "extra_layers": "Extra hidden Linear+activation layers added to every head.",
-    "activation": "Activation of hidden head layers.",
-    "freeze_encoder": "Train only the heads; the encoder stays bit-identical.",
-    "class_weights": "Weight the classes of --class-weight-tasks by N / (K * N_i).",
-    "class_weight_tasks": "Comma-separated classification tasks that --class-weights applies to.",
-    "reg": "Weight penalty on the heads of --reg-tasks: loss + w * ||W||_p.",
-    "reg_weight": "Weight w of the --reg penalty.",
-    "reg_tasks": "Comma-separated tasks whose heads get the --reg penalty.",
-    "smart_weight": "SMART regularization weight lambda (0: off).",
-    "smart_tasks": "Comma-separated tasks with SMART regularization.",
-    "smart_eps": "SMART perturbation radius.",
-    "smart_step": "SMART ascent step size.",
-    "smart_steps": "SMART ascent steps K.",
-    "smart_noise": "Std of SMART's initial noise.",
-    "smart_norm": "SMART perturbation ball.",
-    "seed": "Random seed (CPU runs are fully reproducible).",
-    "device": "auto (CUDA when available), cpu, cuda, cuda:N, mps.",
-    "precision": "auto (bf16 on GPUs that have it, else fp32), fp32, bf16, fp16 (GPU).",
-    "log_every": "Write a training line to metrics.jsonl every N steps.",
-    "eval_every": "Also evaluate on dev every N steps.",
-    "save_every": "Write the resume checkpoint every N steps.",
-    "strict": "Malformed data rows are errors instead of skipped with a warning.",
-    "progress": "Show progress bars.",
-    "predict": "At the end, score the best checkpoint on the full dev splits and write dev and "
-               "test prediction files.",
-}
+class BoundedNumber(click.ParamType):
+    """An int or float flag checked against its declared Limit (inf and nan are refused)."""
 
-# Choices come from the modules that define them; task names are checked by TrainConfig
-# (user tasks are only known once the config is read).
-CHOICES = training.CHOICES
-LIST_FIELDS = ("tasks", "reg_tasks", "smart_tasks", "class_weight_tasks")
-MAPPING_FIELDS = ("dropout",)
-CONFIG_FILE_ONLY = ("task_definitions",)  # [tasks.NAME] tables; no flag
+    def __init__(self, field_name: str, limit: Limit):
+        self.field_name = field_name
+        self.limit = limit
+        self.name = "integer" if limit.kind is int else "float"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            try:
+                value = self.limit.kind(value.strip())
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.limit.kind is int else 'a number'}",
+                          param, ctx)
+        message = self.limit.problem(self.field_name, value)
+        if message:
+            self.fail(message, param, ctx)
+        return value
+
+    def get_metavar(self, param, ctx=None):
+        return self.name.upper()
+
+
+class DeviceName(click.ParamType):
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        message = device_problem(value)
+        if message:
+            self.fail(message, param, ctx)
+        return value
+
+
+DEVICE = DeviceName()
+# Every training option's declaration (config/train_config.py): its flag, help, type, range
+# and choices are generated from it, so the flags and TrainConfig cannot drift apart.
+DECLARED = declarations(TrainConfig)
+LIST_FIELDS = tuple(name for name, d in DECLARED.items() if d.kind == "tasks")
+MAPPING_FIELDS = tuple(name for name, d in DECLARED.items() if d.kind == "mapping")
 
 
 def _option_for(f: dataclasses.Field, default: Any):
-    name = f.name
+    name, d = f.name, DECLARED[f.name]
     flag = "--" + name.replace("_", "-")
-    help_text = TRAIN_HELP[name]
+    help_text = d.help
     if isinstance(default, bool):
         return click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=default,
                             show_default=True, help=help_text)
-    if name in LIST_FIELDS:
+    if d.kind == "tasks":
         return click.option(flag, name, default=",".join(default), show_default=True, help=help_text)
-    if name in MAPPING_FIELDS:
+    if d.kind == "mapping":
         return click.option(flag, name, multiple=True, metavar="TASK=VALUE", help=help_text)
-    if name in CHOICES:
-        return click.option(flag, name, type=click.Choice(CHOICES[name]), default=default,
+    if d.choices is not None:
+        return click.option(flag, name, type=click.Choice(d.choices), default=default,
                             show_default=True, help=help_text)
-    kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
-    if name in ("data_dir", "model"):
-        kind = click.Path()
-    # --- robustness hook: ranges and device names checked where flags are parsed (validation.py)
-    if name == "out":
-        kind = click.Path(file_okay=False)
-    checked = option_type(name)
-    if checked is not None:
-        kind = checked
-        if name in LIMITS:
-            help_text = f"{help_text} [{LIMITS[name].describe()}]"
-    # --- end hook
+    kind = {"path": click.Path(), "dir": click.Path(file_okay=False), "device": DEVICE}.get(d.kind, str)
+    if d.limit is not None:
+        kind = BoundedNumber(name, d.limit)
+        help_text = f"{help_text} [{d.limit.describe()}]"
     return click.option(flag, name, type=kind, default=default, show_default=default is not None,
                         help=help_text)
 
 
 def training_options(func):
-    """Decorate a click command with one option per TrainConfig field."""
+    """Decorate a click command with one option per TrainConfig field that has a flag."""
     defaults = TrainConfig()
-    for f in reversed([f for f in dataclasses.fields(TrainConfig) if f.name not in CONFIG_FILE_ONLY]):
+    for f in reversed([f for f in dataclasses.fields(TrainConfig) if DECLARED[f.name].kind != "file-only"]):
         func = _option_for(f, getattr(defaults, f.name))(func)
     return func
 
@@ -175,8 +131,8 @@ def _parse_mapping(key: str, items) -> dict[str, float]:
             except ValueError:
                 raise click.BadParameter(f"expected TASK=VALUE, got {part!r}",
                                          param_hint="--" + key.replace("_", "-")) from None
-            # robustness hook: each value range-checked where the flag is parsed (validation.py)
-            limit = MAPPING_LIMITS.get(key)
+            # each value range-checked where the flag is parsed
+            limit = DECLARED[key].limit
             problem = limit and limit.problem(f"{key} of {task.strip()}", out[task.strip()])
             if problem:
                 raise click.BadParameter(problem, param_hint="--" + key.replace("_", "-"))

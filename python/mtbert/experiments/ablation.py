@@ -15,10 +15,11 @@ from typing import Optional
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..aggregation import METHODS
-from ..plots import plot_ablation
-from ..tasks import get_task
-from ..train import TrainConfig, train
+from ..mtl.methods import METHODS
+from ..evaluation.plots import plot_ablation
+from ..data.tasks import get_task
+from ..config import TrainConfig
+from ..training import train
 
 _BASE_HEADS = {"dropout_sst": 0.3, "dropout_para": 0.3, "dropout_sts": 0.3}
 _FINAL = {"combine": "pcgrad"}  # the default heads are the published final architecture

@@ -1,0 +1,168 @@
+"""MultitaskBert: one shared minBERT encoder and one small head per task.
+
+Heads follow the published final architecture this project starts from
+(paraphrase: dropout 0.3, linear; sentiment: dropout 0.5, linear; similarity:
+dropout 0.5, linear, ReLU, dropout 0.3, linear) and can be varied per task:
+dropout, extra hidden layers, activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import BertConfig
+from ..data.batches import TaskBatch
+from .bert import BertModel
+from ..data.tasks import BUILTIN_TASKS, get_task, register_saved, saved_definitions
+
+POOLINGS = ("mean", "cls", "pooler")
+PAIR_ENCODINGS = ("joint", "separate")
+ACTIVATIONS = ("relu", "leakyrelu")
+
+
+@dataclass
+class HeadConfig:
+    dropout: float  # on the sentence embedding, before the first linear layer
+    hidden_layers: int = 0  # extra Linear(H, H) + activation + dropout blocks before the output
+    hidden_dropout: float = 0.3  # dropout after each hidden block
+    activation: str = "relu"  # "relu" or "leakyrelu"
+
+
+def default_head(task: str) -> HeadConfig:
+    """The task's registered head (the built-ins: the published final heads)."""
+    d = get_task(task).head
+    return HeadConfig(dropout=d.dropout, hidden_layers=d.hidden_layers, hidden_dropout=d.hidden_dropout)
+
+
+def default_heads(tasks=tuple(BUILTIN_TASKS)) -> dict[str, HeadConfig]:
+    return {t: default_head(t) for t in tasks}
+
+
+@dataclass
+class MultitaskConfig:
+    encoder: dict  # BertConfig.to_dict(): the encoder is rebuilt from this on load
+    tasks: list[str] = field(default_factory=lambda: ["sst", "para", "sts"])
+    heads: dict[str, HeadConfig] = field(default_factory=default_heads)
+    pooling: str = "mean"  # MiniLM's pooler is untrained and it was trained with mean pooling
+    pair_encoding: str = "joint"  # "joint": [CLS] A [SEP] B [SEP]; "separate": [u, v, |u-v|, u*v]
+    # Full definitions of the user tasks among `tasks` (tasks.Task.to_dict()), so a
+    # checkpoint knows them without the config that declared them.
+    task_definitions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        register_saved(self.task_definitions)
+        for name in self.tasks:
+            get_task(name)  # raises a clear error for unknown names
+        if not self.task_definitions:
+            self.task_definitions = saved_definitions(self.tasks)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.pair_encoding not in PAIR_ENCODINGS:
+            raise ValueError(f"pair_encoding must be one of {PAIR_ENCODINGS}, got {self.pair_encoding!r}")
+        self.heads = {
+            k: (v if isinstance(v, HeadConfig) else HeadConfig(**v)) for k, v in self.heads.items()
+        }
+        for name in self.tasks:
+            self.heads.setdefault(name, default_head(name))
+            if self.heads[name].activation not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.heads[name].activation!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MultitaskConfig":
+        return cls(**d)
+
+
+def output_size(task: str) -> int:
+    """Logits per example: one for binary tasks and regression, K for K-way classification."""
+    return get_task(task).output_size
+
+
+def build_head(in_features: int, hidden: int, out_features: int, cfg: HeadConfig) -> nn.Sequential:
+    act = nn.ReLU if cfg.activation == "relu" else nn.LeakyReLU
+    layers: list[nn.Module] = [nn.Dropout(cfg.dropout)]
+    width = in_features
+    for _ in range(cfg.hidden_layers):
+        layers += [nn.Linear(width, hidden), act(), nn.Dropout(cfg.hidden_dropout)]
+        width = hidden
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+class MultitaskBert(nn.Module):
+    def __init__(self, config: MultitaskConfig, encoder: Optional[BertModel] = None):
+        super().__init__()
+        self.config = config
+        self.bert = encoder if encoder is not None else BertModel(BertConfig.from_dict(config.encoder))
+        hidden = self.bert.config.hidden_size
+        self.heads = nn.ModuleDict()
+        for task in config.tasks:
+            is_pair_separate = get_task(task).is_pair and config.pair_encoding == "separate"
+            in_features = 4 * hidden if is_pair_separate else hidden
+            self.heads[task] = build_head(in_features, hidden, output_size(task), config.heads[task])
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.bert.parameters() if p.requires_grad]
+
+    def task_parameters(self, task: str) -> list[nn.Parameter]:
+        return [p for p in self.heads[task].parameters() if p.requires_grad]
+
+    def pool(self, last_hidden_state: torch.Tensor, pooler_output: torch.Tensor,
+             attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.config.pooling == "cls":
+            return last_hidden_state[:, 0]
+        if self.config.pooling == "pooler":
+            return pooler_output
+        mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)  # (B, L, 1)
+        summed = (last_hidden_state * mask).sum(dim=1)  # (B, H)
+        return summed / mask.sum(dim=1).clamp(min=1.0)
+
+    def embed(self, input_ids, attention_mask, token_type_ids, noise=None) -> torch.Tensor:
+        """The sentence (or joint pair) embedding, (B, H); `noise` (B, L, H) is added to
+        the embedding output (SMART's perturbation)."""
+        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                        embedding_noise=noise)
+        return self.pool(out.last_hidden_state, out.pooler_output, attention_mask)
+
+    def embedding_shapes(self, batch: TaskBatch) -> list[tuple[int, int, int]]:
+        """Shapes of the embedding outputs of the batch's sequences (one, or two when
+        pairs are encoded separately)."""
+        hidden = self.bert.config.hidden_size
+        ids = [batch.input_ids] + ([batch.input_ids_b] if batch.input_ids_b is not None else [])
+        return [(t.shape[0], t.shape[1], hidden) for t in ids]
+
+    def features(self, task: str, batch: TaskBatch, embedding_noise=None) -> torch.Tensor:
+        """What the task head reads: the embedding, or [u, v, |u-v|, u*v] for separate pairs."""
+        if batch.features is not None and embedding_noise is None:
+            return batch.features  # cached once by a frozen-encoder run (evaluate.cache_features)
+        noise = list(embedding_noise) if embedding_noise is not None else [None, None]
+        u = self.embed(batch.input_ids, batch.attention_mask, batch.token_type_ids, noise[0])
+        if batch.input_ids_b is None:
+            return u
+        v = self.embed(batch.input_ids_b, batch.attention_mask_b, batch.token_type_ids_b, noise[1])
+        return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)  # (B, 4H)
+
+    def head_output(self, task: str, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B, K) for classification, (B,) for binary tasks and similarity scores."""
+        out = self.heads[task](features)
+        return out if output_size(task) > 1 else out.squeeze(-1)
+
+    def forward(self, task: str, batch: TaskBatch) -> torch.Tensor:
+        return self.head_output(task, self.features(task, batch))
+
+    @torch.no_grad()
+    def predict(self, task: str, batch: TaskBatch) -> torch.Tensor:
+        """Predictions in label space: class ids, 0/1, or similarity scores."""
+        return get_task(task).predictions(self.forward(task, batch))
+
+
+def task_loss(task: str, output: torch.Tensor, labels: torch.Tensor,
+              class_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The task's loss (cross-entropy, binary cross-entropy with logits, or MSE)."""
+    return get_task(task).loss(output, labels, class_weights)

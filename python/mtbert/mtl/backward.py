@@ -1,0 +1,264 @@
+"""One multi-task backward for every method: ``mtb.backward(losses)`` replaces
+``sum(losses).backward()``.
+
+Gradient methods (PCGrad, MGDA, CAGrad, ...): each task's gradient w.r.t. the shared
+parameters goes into row i of a (T, P) float32 buffer allocated once; the engine computes
+the Gram matrix, the method its weights, and one combination pass writes the shared
+``.grad``. Loss-weighting methods (mean, UW, DWA, RLW) backward ``sum_i w_i L_i`` once.
+Either way task i's head parameters get task i's own gradient. :class:`PCGrad` is this
+class with the ``pcgrad`` method, under the name the library started with.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .engine import combine, combine_torch, gram, gram_torch
+from .methods import Method, make_method
+from .pcgrad import check_eps, check_reduction
+from .stats import AggregationStats
+
+__all__ = ["MultiTaskBackward", "PCGrad", "method_weights"]
+
+BACKENDS = ("auto", "native", "torch")
+
+
+def _trainable(params, what: str) -> list[Tensor]:
+    """Tensors that require grad, each once, in order; frozen ones are left out."""
+    seen: set[int] = set()
+    result = []
+    for p in params:
+        if not isinstance(p, Tensor):
+            raise ValueError(f"{what} must hold tensors, got {type(p).__name__}")
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            result.append(p)
+    return result
+
+
+def method_weights(method: Method, G: np.ndarray, order=None) -> np.ndarray:
+    """The method's (T,) float64 weights for Gram matrix ``G`` (``order``: explicit orders
+    for the methods that visit tasks in an order)."""
+    w = method.weights(G, order=order) if order is not None else method.weights(G)
+    w = np.asarray(w, dtype=np.float64)
+    if not np.isfinite(w).all():  # never expected: the methods guard their divisions
+        raise ValueError(f"{method.name}: non-finite weights {w.tolist()} from Gram matrix {G.tolist()}")
+    return w
+
+
+class MultiTaskBackward:
+    """``mtb.backward(losses)`` sets the ``.grad`` of the shared and task parameters.
+
+    1. each task's gradient w.r.t. the shared parameters (``torch.autograd.grad``; a
+       parameter a task does not use contributes zeros) is copied into row i of a (T, P)
+       float32 buffer allocated once;
+    2. ``sync``, when given, is called on the buffer and may change it in place:
+       multi-process training sums it over ranks there (mtbert.training.distributed), so
+       every rank combines the global per-task gradients and takes the same update;
+    3. the Gram matrix (native on the CPU, torch elsewhere), the method's weights, and one
+       combination pass into a reused result buffer;
+    4. the shared parameters' ``.grad`` are *set* (not accumulated) to the result: float32
+       parameters get views of the result buffer (a ``.grad`` read after the next
+       ``backward`` shows that step's values), other dtypes a copy.
+
+    Loss-weighting methods skip 1-4: ``sum_i w_i L_i`` is backwarded once (UW's
+    log-variances get their gradient: add ``parameters()`` to the optimizer);
+    :meth:`weighted_loss` gives that sum without the backward, for a loop that scales the
+    loss first. Parameters in ``task_params[i]`` (task i's head) get task i's own gradient
+    (``.grad`` set; ``None`` when the loss does not use them). Parameters with
+    ``requires_grad=False`` are left out. ``num_tasks`` sizes the buffer when
+    ``task_params`` is not given; without either it is allocated at the first ``backward``.
+    ``backend``: "auto" (native on the CPU), "native" or "torch".
+    """
+
+    def __init__(
+        self,
+        shared_params: Sequence[Tensor],
+        task_params: Optional[Sequence[Sequence[Tensor]]] = None,
+        method: Union[str, Method] = "mean",
+        *,
+        num_tasks: Optional[int] = None,
+        sync: Optional[Callable[[Tensor], None]] = None,
+        backend: str = "auto",
+        **options,
+    ):
+        self.sync = sync
+        self.method = make_method(method, **options) if isinstance(method, str) else method
+        if not isinstance(method, str) and options:
+            raise ValueError("options go to make_method, not to MultiTaskBackward, when method is an object")
+        self.shared = _trainable(shared_params, "shared_params")
+        if not self.shared:
+            raise ValueError("shared_params holds no parameter with requires_grad=True")
+        devices = {p.device for p in self.shared}
+        if len(devices) != 1:
+            raise ValueError(f"shared parameters must be on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop()
+
+        self.task_params: Optional[list[list[Tensor]]] = None
+        if task_params is not None:
+            self.task_params = [_trainable(ps, f"task_params[{i}]") for i, ps in enumerate(task_params)]
+            owner: dict[int, str] = {id(p): "the shared parameters" for p in self.shared}
+            for i, ps in enumerate(self.task_params):
+                for p in ps:
+                    if id(p) in owner:
+                        raise ValueError(f"a parameter of task {i} is also in {owner[id(p)]}")
+                    owner[id(p)] = f"task {i}'s parameters"
+            if num_tasks is not None and num_tasks != len(self.task_params):
+                raise ValueError(f"num_tasks={num_tasks} but {len(self.task_params)} task_params lists")
+            num_tasks = len(self.task_params)
+        if num_tasks is not None and num_tasks < 1:
+            raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
+
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be "auto", "native" or "torch", got {backend!r}')
+        if backend == "native" and self.device.type != "cpu":
+            raise ValueError(f'backend="native" needs CPU parameters, they are on {self.device}')
+        self.backend = ("native" if self.device.type == "cpu" else "torch") if backend == "auto" else backend
+
+        self._numels = [p.numel() for p in self.shared]
+        self._offsets = np.concatenate([[0], np.cumsum(self._numels)]).tolist()
+        self.num_params = int(self._offsets[-1])  # P
+        self.num_tasks: Optional[int] = None
+        if num_tasks is not None:
+            self.method.setup(num_tasks)
+            if self.method.gradient_based:
+                self._allocate(num_tasks)
+
+    def parameters(self) -> list[Tensor]:
+        """The method's own learnable parameters (UW), for the optimizer."""
+        return self.method.parameters()
+
+    def state_dict(self) -> dict:
+        """The method's state (JSON-serializable), so a resumed run continues exactly."""
+        return {"method": self.method.name, "state": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "method" not in state and self.method.name == "pcgrad":
+            state = {"method": "pcgrad", "state": state}  # checkpoints of the former PCGrad class
+        if state.get("method") != self.method.name:
+            raise ValueError(f"saved state is for method {state.get('method')!r}, not {self.method.name!r}")
+        self.method.load_state_dict(state["state"])
+
+    def _allocate(self, T: int) -> None:
+        P = self.num_params
+        self.num_tasks = T
+        self.buffer = torch.empty(T, P, dtype=torch.float32, device=self.device)  # (T, P)
+        self.result = torch.empty(P, dtype=torch.float32, device=self.device)  # (P,)
+        spans = list(zip(self._offsets[:-1], self._offsets[1:]))
+        # Views made once: row i's slice for each parameter, and each parameter's result.
+        self._row_views = [[self.buffer[i, a:b].view(p.shape) for p, (a, b) in zip(self.shared, spans)]
+                           for i in range(T)]
+        self._result_views = [self.result[a:b].view(p.shape) for p, (a, b) in zip(self.shared, spans)]
+
+    def backward(self, losses: Sequence[Optional[Tensor]]) -> AggregationStats:
+        """Sets the ``.grad`` of the shared and task parameters; returns this step's stats.
+        A ``None`` loss (no batch of that task this step) counts as a zero gradient."""
+        losses = list(losses)
+        T = len(losses)
+        if T < 1:
+            raise ValueError("losses is empty")
+        if not self.method.gradient_based:
+            total, stats = self.weighted_loss(losses)
+            if total is None:
+                raise ValueError("no loss tensor to backward")
+            total.backward()
+            return stats
+        if self.num_tasks is None:
+            self.method.setup(T)
+            self._allocate(T)
+        elif T != self.num_tasks:
+            raise ValueError(f"expected {self.num_tasks} losses, got {T}")
+        self._fill_task_gradients(losses)
+        if self.sync is not None:
+            self.sync(self.buffer)
+        if self.backend == "native":
+            G = gram(self.buffer)
+            w = method_weights(self.method, G)
+            combine(self.buffer, w, out=self.result)
+        else:
+            G = gram_torch(self.buffer)
+            w = method_weights(self.method, G)
+            combine_torch(self.buffer, w, self.result)
+        self._set_shared_gradients()
+        return AggregationStats.build(self.method.name, w, G, self.method.last_orders())
+
+    def weighted_loss(self, losses: Sequence[Optional[Tensor]]) -> tuple[Optional[Tensor], AggregationStats]:
+        """Loss-weighting methods: the differentiable ``sum_i w_i L_i`` (UW's with its
+        log-variance terms) and this step's stats, advancing the method's state; a ``None``
+        loss is a task without a batch this step. Without any loss the total is None and
+        the state still advances (a data-parallel rank without examples keeps in step)."""
+        if self.method.gradient_based:
+            raise ValueError(f"{self.method.name} combines per-task gradients: call backward()")
+        total, w = self.method.weighted_loss(list(losses))
+        return total, AggregationStats.build(self.method.name, w, None)
+
+    def _fill_task_gradients(self, losses: list[Optional[Tensor]]) -> None:
+        """Task i's gradient of the shared parameters into buffer row i, zeros for a constant
+        or missing loss (no batch of the task this step); head parameters get their task's
+        gradient in ``.grad`` directly."""
+        S = len(self.shared)
+        for i, loss in enumerate(losses):
+            heads = self.task_params[i] if self.task_params is not None else []
+            if isinstance(loss, Tensor) and loss.requires_grad:
+                grads = torch.autograd.grad(loss, self.shared + heads, retain_graph=i < len(losses) - 1,
+                                            allow_unused=True)
+            else:
+                grads = (None,) * (S + len(heads))
+            with torch.no_grad():
+                for view, g in zip(self._row_views[i], grads[:S]):
+                    if g is None:
+                        view.zero_()
+                    else:
+                        view.copy_(g.to_dense() if g.is_sparse else g)
+            for p, g in zip(heads, grads[S:]):
+                p.grad = g
+
+    def _set_shared_gradients(self) -> None:
+        with torch.no_grad():
+            for p, view in zip(self.shared, self._result_views):
+                if p.dtype == torch.float32:
+                    p.grad = view
+                else:
+                    if p.grad is None:
+                        p.grad = torch.empty_like(p)
+                    p.grad.copy_(view)
+
+
+class PCGrad(MultiTaskBackward):
+    """Gradient surgery (Yu et al. 2020) on the shared parameters of a multi-task model:
+    :class:`MultiTaskBackward` with the ``pcgrad`` method, whose per-step orders come from
+    its own ``numpy.random.Generator(seed)``. ``reduction``: combine the projected
+    gradients by their mean (default) or sum."""
+
+    def __init__(
+        self,
+        shared_params: Sequence[Tensor],
+        task_params: Optional[Sequence[Sequence[Tensor]]] = None,
+        *,
+        reduction: str = "mean",
+        seed: Optional[int] = None,
+        eps: float = 1e-12,
+        backend: str = "auto",
+        num_tasks: Optional[int] = None,
+        sync: Optional[Callable[[Tensor], None]] = None,
+    ):
+        check_reduction(reduction)
+        eps = check_eps(eps)
+        super().__init__(shared_params, task_params, "pcgrad", num_tasks=num_tasks, sync=sync, backend=backend,
+                         reduction=reduction, seed=seed, eps=eps)
+
+    @property
+    def reduction(self) -> str:
+        return self.method.options["reduction"]
+
+    @property
+    def eps(self) -> float:
+        return float(self.method.options["eps"])
+
+    def draw_orders(self, num_tasks: int) -> np.ndarray:
+        """(T, T) int64: row i a permutation of the tasks, from this object's generator."""
+        return self.method.draw_orders(num_tasks)

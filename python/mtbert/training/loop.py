@@ -1,0 +1,88 @@
+"""The multi-task training loop, read top to bottom.
+
+`train` locks and heals the run folder, then: `build_run` (run.py: data, model, optimizer,
+schedule, the multi-task method) -> `train_step` until the budget is spent (step.py), with
+the `Evaluator` (dev scores, best checkpoint), `save_last` (the resume checkpoint,
+state.py) and `TrainLog` (metrics.jsonl, records.py) -> `finish_run` (finish.py: the best
+checkpoint on the full dev splits, predictions). `[ddp]` marks what differs under torchrun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..checkpoint import runfolder
+from ..config import TrainConfig
+from . import distributed
+from .distributed import say
+from .finish import finish_run
+from .records import DiscardedLog, MetricsLog, TrainLog
+from .run import Run, build_run
+from .state import Evaluator, load_resume_state, save_last
+from .step import train_step
+
+def due(run: Run) -> tuple[bool, bool]:
+    """(evaluate now, save the resume checkpoint now) after the step just taken."""
+    step, cfg = run.step, run.cfg
+    evaluate = (step % run.steps_per_epoch == 0 or step == run.total_steps
+                or (cfg.eval_every is not None and step % cfg.eval_every == 0))
+    return evaluate, evaluate or step % cfg.save_every == 0
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Run (or continue, with resume=True) the training described by cfg; returns the summary.
+
+    The run folder is locked for the whole run (a second run on it is refused) and healed
+    first (see runfolder.py); under torchrun rank 0 alone locks and heals it."""
+    ranks = distributed.env_context()
+    if ranks is not None and ranks[0] != 0:  # [ddp] rank 0 holds the lock for the whole job
+        return _train_locked(cfg, resume=resume)
+    # robustness hook: one run per folder; leftovers of a killed checkpoint write repaired
+    with runfolder.locked_run_folder(Path(cfg.out)) as out:
+        for action in runfolder.heal(out):
+            say(f"{out}: {action}")
+        return _train_locked(cfg, resume=resume)
+
+
+def _train_locked(cfg: TrainConfig, *, resume: bool) -> dict:
+    run = build_run(cfg, resume=resume)
+    main = run.dist.is_main  # [ddp] rank 0 alone writes metrics.jsonl
+    if not resume:
+        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl") if main else DiscardedLog())
+    else:
+        state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.combiner)
+        run.step = state["step"]
+        run.dist.restore_rng(state["rng_tensors"], cfg.seed, run.step)  # [ddp] each rank's own RNG
+        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl", resume_step=run.step) if main
+                              else DiscardedLog(), state["best_score"], state["best_step"])
+        say(f"resumed from {run.out / 'last'} at step {run.step}/{run.total_steps}")
+    train_log = TrainLog(run, evaluator.log)
+    if resume:
+        train_log.resume_window(state.get("log_window"))  # robustness hook
+
+    run.model.train()
+    if cfg.freeze_encoder:
+        run.model.bert.eval()  # a frozen encoder is a fixed feature extractor: no dropout
+    bar = tqdm(total=run.total_steps, initial=run.step, desc="train", unit="step",
+               disable=not (cfg.progress and run.dist.is_main), dynamic_ncols=True)  # [ddp] rank 0's bar
+    while run.step < run.total_steps:
+        result = train_step(run)
+        bar.update(1)
+        record = train_log.record(result)
+        if record is not None:
+            bar.set_postfix({**{t: f"{v:.3f}" for t, v in record["loss"].items()},
+                             "ex/s": f"{record['examples_per_s']:.0f}"})
+        evaluate, save = due(run)
+        if evaluate:
+            evaluator(run)
+        if save:
+            save_last(run, evaluator, train_log)
+    bar.close()
+    digest = distributed.verify_identical(run.dist, run.model)  # [ddp] all ranks hold the same weights
+    if digest:
+        say(f"weights bitwise identical on all {run.dist.world_size} rank(s) (sha256 {digest})")
+
+    # (7) the best checkpoint, evaluated on the full dev split, with predictions
+    return finish_run(run.out, cfg, run.data_dir, run.device, run.precision, evaluator.best_step, run.data)

@@ -1,0 +1,213 @@
+"""Building a run: data, model, optimizer, samplers, schedule and the multi-task method,
+into one `Run` that the step and the loop work with."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig, device_problem
+from ..data.batches import EncodedSplit, TaskSampler, encode_split
+from ..data.readers import load_split, resolve_data_dir
+from ..data.tasks import get_task, uses_data_dir
+from ..data.tokenizer import WordPieceTokenizer
+from ..evaluation.evaluate import cache_features
+from ..model.bert import BertModel
+from ..model.multitask import MultitaskBert, MultitaskConfig, default_head
+from ..model.optim import AdamW
+from ..model.pretrained import resolve_model_dir
+from ..model.regularization import class_weights
+from ..mtl import MultiTaskBackward
+from . import distributed
+from .distributed import say
+
+# DWA weighs each rank's own losses and UW's log-variances train outside the gradient
+# all-reduce: under torchrun their weights would differ between the ranks.
+SINGLE_PROCESS_COMBINES = ("uw", "dwa")
+
+
+def pick_device(name: str) -> torch.device:
+    if device_problem(name):  # robustness hook: torch.device("bad") raises a RuntimeError
+        raise ValueError(device_problem(name))
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    return device
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 autocast needs a GPU; use bf16 or fp32 on the CPU")
+    return name
+
+
+def task_probabilities(sizes: dict[str, int], sampling: str, temperature: float) -> np.ndarray:
+    n = np.array(list(sizes.values()), dtype=np.float64)
+    if sampling == "proportional":
+        p = n
+    elif sampling == "temperature":
+        p = n ** (1.0 / temperature)
+    else:
+        p = np.ones_like(n)
+    return p / p.sum()
+
+
+def build_model_config(cfg: TrainConfig, encoder_config: dict) -> MultitaskConfig:
+    heads = {}
+    for task in cfg.tasks:
+        head = heads[task] = default_head(task)
+        if task in cfg.dropout:
+            head.dropout = cfg.dropout[task]
+        head.hidden_layers += cfg.extra_layers
+        head.activation = cfg.activation
+    return MultitaskConfig(encoder=encoder_config, tasks=list(cfg.tasks), heads=heads,
+                           pooling=cfg.pooling, pair_encoding=cfg.pair_encoding)
+
+
+@dataclass
+class RunData:
+    train: dict[str, EncodedSplit]
+    dev: dict[str, EncodedSplit]
+    bad_rows: int
+    truncated: dict[str, int]
+
+
+def load_run_data(cfg: TrainConfig, tokenizer: WordPieceTokenizer, data_dir: Path) -> RunData:
+    train, dev, bad, truncated = {}, {}, 0, {}
+    for task in cfg.tasks:
+        tr = load_split(task, "train", data_dir, strict=cfg.strict, limit=cfg.train_limit)
+        dv = load_split(task, "dev", data_dir, strict=cfg.strict, limit=cfg.eval_limit)
+        bad += len(tr.bad_rows) + len(dv.bad_rows)
+        if len(tr) == 0:
+            raise ValueError(f"task {task}: the training split is empty")
+        train[task] = encode_split(tokenizer, tr, max_length=cfg.max_length, pair_encoding=cfg.pair_encoding)
+        dev[task] = encode_split(tokenizer, dv, max_length=cfg.max_length, pair_encoding=cfg.pair_encoding)
+        truncated[task] = train[task].truncated + dev[task].truncated
+    return RunData(train, dev, bad, truncated)
+
+
+@dataclass
+class Run:
+    """Everything one training run works with; built once by `build_run`."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    precision: str  # "fp32", "bf16" or "fp16" (autocast)
+    data_dir: Optional[Path]  # the handout data directory (None: no task needs it)
+    tokenizer: WordPieceTokenizer
+    data: RunData
+    model: MultitaskBert
+    trainable: list[torch.nn.Parameter]
+    optimizer: AdamW
+    samplers: dict[str, TaskSampler]
+    # How the task losses combine: the --combine method (mtbert.mtl), or None: the plain sum
+    combiner: Optional[MultiTaskBackward]
+    scaler: torch.amp.GradScaler  # loss scaling (active for fp16 only)
+    class_weights: dict[str, torch.Tensor]
+    task_probs: np.ndarray  # how often each task is drawn (sampling != round-robin)
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    dist: distributed.Context  # the process group (a single process: rank 0 of 1, no collectives)
+    global_batch: int  # examples per task and step over all ranks (the samplers' batch size)
+    step: int = 0  # optimizer steps taken
+    # this step's factor on each task's loss on this rank: its share of the global batch (set
+    # by next_batches; multi-process only, so that the sum over ranks is the global mean)
+    loss_shares: dict[str, float] = field(default_factory=dict)
+
+    def checkpoint_meta(self) -> dict:
+        """What every checkpoint of the run says about itself (model, training, tokenizer)."""
+        return {"model": self.model.config.to_dict(), "train": self.cfg.to_dict(),
+                "tokenizer": self.tokenizer.settings(), "step": self.step}
+
+
+def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
+    """Data, model, optimizer, samplers and schedule for `cfg` (the RNG use is fixed by the
+    seed: the same cfg builds the same run). Under torchrun, joins the process group first;
+    `resume` keeps the global batch saved in the run's resume checkpoint."""
+    out = Path(cfg.out)
+    launched = distributed.env_context()  # (rank, world size, local rank) under torchrun, else None
+    if launched is not None and launched[1] > 1 and cfg.combine in SINGLE_PROCESS_COMBINES:
+        raise ValueError(f"--combine {cfg.combine} runs in one process only (under torchrun its weights "
+                         f"would differ between the ranks)")
+    dist = distributed.init(cfg.device)  # [ddp] joins the process group under torchrun
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    device = dist.device or pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+
+    # data: each split tokenized once, kept as padded arrays; the handout data directory
+    # is needed only by tasks whose files are named relative to it (the built-ins)
+    data_dir = resolve_data_dir(cfg.data_dir) if uses_data_dir(cfg.tasks) else None
+    model_dir = resolve_model_dir(cfg.model)
+    tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
+    t0 = time.time()
+    data = load_run_data(cfg, tokenizer, data_dir)
+    sizes = {t: len(d) for t, d in data.train.items()}
+    say(f"data from {data_dir or 'the task files'}: " + ", ".join(f"{t} {n} train / {len(data.dev[t])} dev"
+                                               for t, n in sizes.items())
+         + f" (tokenized in {time.time() - t0:.1f}s)")
+    if data.bad_rows:
+        say(f"{data.bad_rows} malformed row(s) skipped (see warnings above; --strict makes them errors)")
+    for task, n in data.truncated.items():
+        if n:
+            say(f"{task}: {n} example(s) truncated to {cfg.max_length} tokens")
+
+    # model: the pretrained encoder plus fresh heads
+    encoder = BertModel.from_pretrained(model_dir)
+    model = MultitaskBert(build_model_config(cfg, encoder.config.to_dict()), encoder)
+    if cfg.freeze_encoder:
+        model.bert.requires_grad_(False)
+    model.to(device)
+    if cfg.freeze_encoder:  # a frozen encoder's features never change: compute them once
+        t0 = time.time()
+        for split in (*data.train.values(), *data.dev.values()):
+            cache_features(model, split, device=device, batch_size=cfg.eval_batch_size, precision=precision)
+        say(f"frozen encoder: features of every train and dev row cached in {time.time() - t0:.1f}s")
+    dist.seed_dropout(cfg.seed)  # [ddp] per-rank dropout masks (rank 0 keeps the seed)
+
+    # optimizer over trainable parameters only (frozen weights keep no state), schedule
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # [ddp] samplers draw GLOBAL batches (the same on every rank); next_batches takes this rank's slice
+    global_batch, world_note = distributed.global_batch(dist, cfg.batch_size, out if resume else None)
+    samplers = {t: TaskSampler(data.train[t].first.lengths, global_batch, cfg.seed, i, cfg.bucket)
+                for i, t in enumerate(cfg.tasks)}
+    if dist.active:
+        say(f"{dist.world_size} rank(s) ({dist.backend}): global batch {global_batch} per task and step, "
+             f"{cfg.batch_size} per rank")
+    if world_note:
+        say(world_note)
+    steps_per_epoch = cfg.steps_per_epoch or samplers[cfg.epoch_task].batches_per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    weights = {}
+    if cfg.class_weights:
+        for task in cfg.class_weight_tasks:
+            if task in cfg.tasks:
+                weights[task] = class_weights(data.train[task].labels, get_task(task).num_classes).to(device)
+    combiner = None
+    if cfg.combine != "sum" and not cfg.freeze_encoder:
+        # [ddp] the sync sums the (T, P) buffer over ranks before the method sees it
+        combiner = MultiTaskBackward(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
+                                     cfg.make_method(steps_per_epoch), sync=distributed.task_gradient_sync(dist))
+        if combiner.parameters():  # the method's own parameters (UW), without weight decay
+            optimizer.add_param_group({"params": combiner.parameters(), "weight_decay": 0.0})
+    return Run(cfg=cfg, out=out, device=device, precision=precision, data_dir=data_dir, tokenizer=tokenizer,
+               data=data, model=model, trainable=trainable, optimizer=optimizer, samplers=samplers,
+               combiner=combiner, scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
+               class_weights=weights, task_probs=task_probabilities(sizes, cfg.sampling, cfg.temperature),
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+               warmup_steps=int(cfg.warmup * total_steps), dist=dist, global_batch=global_batch)
