@@ -1,4 +1,5 @@
-"""scripts/study_report.py on a tiny fabricated study: 2 grid rows x 2 seeds.
+"""The study report (mtbert.experiments.study, scripts/study_report.py) on a tiny fabricated
+study: 2 grid rows x 2 seeds.
 
 The numbers it writes (paired per-seed differences, the paired bootstrap interval over dev
 examples, mean +- std) are checked against a direct, loop-by-loop computation.
@@ -7,9 +8,9 @@ examples, mean +- std) are checked against a direct, loop-by-loop computation.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,18 +18,16 @@ import numpy as np
 import pytest
 from scipy.stats import pearsonr
 
+from mtbert.experiments import study as study_report
+
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = (1, 2)
 N = {"sst": 60, "para": 50, "sts": 40}
 
 
 @pytest.fixture(scope="module")
-def report_module():
-    spec = importlib.util.spec_from_file_location("study_report", ROOT / "scripts" / "study_report.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["study_report"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+def design():
+    return study_report.load_design(ROOT / "results" / "study" / "study.toml")
 
 
 def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -94,7 +93,7 @@ def write_run(folder: Path, data: dict, preds: dict, pcgrad: bool, rng) -> dict:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, report_module):
+def study(tmp_path_factory, design):
     tmp = tmp_path_factory.mktemp("study")
     rng = np.random.default_rng(7)
     data = make_data(tmp / "data", rng)
@@ -106,7 +105,7 @@ def study(tmp_path_factory, report_module):
             summaries[config, seed] = write_run(runs / "grid" / "runs" / f"{slug}-seed{seed}", data,
                                                 preds[config, seed], pcgrad, rng)
     out = tmp / "out"
-    report_module.main(["--runs", str(runs), "--machine", "h200", "--data-dir", str(tmp / "data"), "--out", str(out)])
+    study_report.run(design, out, runs, "h200", str(tmp / "data"))
     return {"data": data, "preds": preds, "summaries": summaries, "out": out, "tmp": tmp}
 
 
@@ -131,7 +130,7 @@ def direct_bootstrap(task: str, gold, preds_a, preds_b, n_boot: int, seed: int) 
 
 
 @pytest.mark.parametrize("task", ["sst", "para", "sts"])
-def test_paired_and_bootstrap_numbers_match_a_direct_computation(study, report_module, task):
+def test_paired_and_bootstrap_numbers_match_a_direct_computation(study, design, task):
     cells = comparison_row(study["out"], "PCGrad", "sum of losses", task)
     per_seed = [study["summaries"]["PCGrad", s]["dev"][task] for s in SEEDS]
     base = [study["summaries"]["sum of losses", s]["dev"][task] for s in SEEDS]
@@ -146,7 +145,7 @@ def test_paired_and_bootstrap_numbers_match_a_direct_computation(study, report_m
     lo, hi = direct_bootstrap(task, study["data"]["gold"][task],
                               [study["preds"]["PCGrad", s][task] for s in SEEDS],
                               [study["preds"]["sum of losses", s][task] for s in SEEDS],
-                              report_module.N_BOOT, report_module.BOOT_SEED)
+                              design.resamples, design.boot_seed)
     got = [float(x) for x in re.findall(r"[+-]\d\.\d+", cells[6])]
     assert got == pytest.approx([lo, hi], abs=6e-5)
     expected = "no detectable difference" if lo <= 0 <= hi else ("higher (PCGrad)" if lo > 0 else "lower (PCGrad)")
@@ -179,18 +178,18 @@ def test_compact_copy_holds_aligned_predictions_and_telemetry(study):
     assert "Missing" not in (out / "README.md").read_text()  # every config has both seeds
 
 
-def test_report_regenerates_from_the_copy_alone_and_checks_the_data(study, report_module, tmp_path):
+def test_report_regenerates_from_the_copy_alone_and_checks_the_data(study, design, tmp_path):
     before = (study["out"] / "comparisons.md").read_text()
-    report_module.main(["--data-dir", str(study["tmp"] / "data"), "--out", str(study["out"])])
+    study_report.run(design, study["out"], data_dir=str(study["tmp"] / "data"))
     assert (study["out"] / "comparisons.md").read_text() == before
     other = tmp_path / "data"
     make_data(other, np.random.default_rng(1))
     (other / "sts-dev.csv").write_text((other / "sts-dev.csv").read_text().replace("sts000x", "sts999x"))
     with pytest.raises(ValueError, match="sts dev ids"):
-        report_module.main(["--data-dir", str(other), "--out", str(study["out"])])
+        study_report.run(design, study["out"], data_dir=str(other))
 
 
-def test_a_second_machine_adds_runs_and_seeds_pair_only_within_a_machine(study, report_module, tmp_path):
+def test_a_second_machine_adds_runs_and_seeds_pair_only_within_a_machine(study, design, tmp_path):
     """Runs collected from another machine join the copy; a seed is paired with the same seed on
     the same machine only, and collecting a folder again replaces its runs instead of adding."""
     import shutil
@@ -207,9 +206,8 @@ def test_a_second_machine_adds_runs_and_seeds_pair_only_within_a_machine(study, 
     for method, sst_correct in (("sum", 0.2), ("mgda", 0.95)):  # the method family: one seed each
         preds = fake_predictions(data["gold"], rng, sst_correct)
         cpu[method, 1] = write_run(cpu_runs / "methods" / "runs" / f"{method}-seed1", data, preds, method != "sum", rng)
-    args = ["--runs", str(cpu_runs), "--machine", "cpu2", "--data-dir", str(study["tmp"] / "data"), "--out", str(out)]
-    report_module.main(args)
-    report_module.main(args)  # again: replaces, does not duplicate
+    study_report.run(design, out, cpu_runs, "cpu2", str(study["tmp"] / "data"))
+    study_report.run(design, out, cpu_runs, "cpu2", str(study["tmp"] / "data"))  # again: replaces, does not duplicate
     runs = json.loads((out / "runs.json").read_text())["runs"]
     assert len(runs) == len(study["summaries"]) + 5
     assert {r["machine"] for r in runs if r["group"] == "grid"} == {"h200"}
@@ -234,8 +232,10 @@ def test_a_second_machine_adds_runs_and_seeds_pair_only_within_a_machine(study, 
     assert f"{mean:.4f} (n=2)" in row
 
 
-def test_collecting_needs_the_machine(study, report_module, tmp_path):
-    with pytest.raises(SystemExit):
-        report_module.main(["--runs", str(study["tmp"] / "runs"), "--out", str(tmp_path / "out")])
+def test_collecting_needs_the_machine(study, design, tmp_path):
+    script = subprocess.run([sys.executable, str(ROOT / "scripts" / "study_report.py"), "--runs",
+                             str(study["tmp"] / "runs"), "--out", str(tmp_path / "out")],
+                            capture_output=True, text=True)
+    assert script.returncode == 2 and "--runs needs --machine" in script.stderr  # argparse's usage error
     with pytest.raises(ValueError, match="unknown machine"):
-        report_module.collect(study["tmp"] / "runs", str(study["tmp"] / "data"), tmp_path / "out", "tpu")
+        study_report.collect(design, study["tmp"] / "runs", tmp_path / "out", "tpu", str(study["tmp"] / "data"))
