@@ -85,10 +85,15 @@ def telemetry(folder: Path, bin_steps: int) -> Optional[dict]:
         if not line.strip():
             continue
         rec = json.loads(line)
-        if rec.get("type") == "pcgrad":
+        # PCGrad's per-step records: type "aggregation" with method "pcgrad" (before every
+        # method went through one backward: type "pcgrad", or a train line's "pcgrad" entry)
+        if rec.get("type") == "pcgrad" or (rec.get("type") == "aggregation" and rec.get("method") == "pcgrad"):
             per_step[rec["step"]] = rec["cosine"]
         elif rec.get("type") == "train" and isinstance(rec.get("pcgrad"), dict):
             per_step[rec["step"]] = rec["pcgrad"]["cosine"]
+        elif (rec.get("type") == "train" and isinstance(rec.get("aggregation"), dict)
+              and rec["aggregation"].get("method") == "pcgrad"):
+            per_step[rec["step"]] = rec["aggregation"]["cosine"]
     if not per_step:
         return None
     steps = np.array(sorted(per_step))
