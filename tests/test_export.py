@@ -292,6 +292,25 @@ def test_cli_errors(tmp_path, trained_run):
     assert "holds the checkpoint being exported" in error(
         "--checkpoint", str(trained_run / "best"), "--out", str(trained_run), "--force")
     assert not Path(out).exists()  # nothing written by a failed export
+
+    # --force never replaces the current folder, a run's checkpoint or a run folder (issue 24)
+    other = tmp_path / "other_run"
+    shutil.copytree(trained_run, other)
+    before = sorted(p.name for p in (other / "last").iterdir())
+    assert "is an mtbert checkpoint" in error("--checkpoint", str(trained_run / "best"), "--out",
+                                               str(other / "last"), "--force")
+    assert "is an mtbert run folder" in error("--checkpoint", str(trained_run / "best"), "--out", str(other),
+                                               "--force")
+    assert sorted(p.name for p in (other / "last").iterdir()) == before
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "keep.txt").write_text("mine")
+    with runner.isolated_filesystem(temp_dir=cwd) as here:
+        (Path(here) / "keep.txt").write_text("mine")
+        assert "--out is empty" in error("--checkpoint", str(trained_run / "best"), "--out", "", "--force")
+        assert "is the current folder" in error("--checkpoint", str(trained_run / "best"), "--out", ".",
+                                                 "--force")
+        assert (Path(here) / "keep.txt").read_text() == "mine"
     r = runner.invoke(export_cmd, ["--out", out])
     assert r.exit_code == 2 and "--checkpoint" in r.output
 

@@ -90,11 +90,19 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
         raise ValueError(f"--out {str(out)!r} holds the checkpoint being exported; choose another folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"--out {str(out)!r} is not empty; pass --force to replace it")
+    # --force replaces an earlier export, never the folder we stand in nor a run's own files
+    if out.is_dir() and (out.resolve() == Path.cwd().resolve() or out.resolve() in Path.cwd().resolve().parents):
+        raise ValueError(f"--out {str(out)!r} is the current folder or holds it; choose another folder")
+    for marker, what in ((ckpt.META_FILE, "an mtbert checkpoint"), ("metrics.jsonl", "an mtbert run folder")):
+        if (out / marker).exists():
+            raise ValueError(f"--out {str(out)!r} is {what}; --force replaces only an earlier export")
 
 
 def export_checkpoint(checkpoint, out, *, force: bool = False) -> ExportResult:
     """Write the checkpoint at `checkpoint` (a checkpoint or run folder) as an export folder
     `out`, atomically. A non-empty `out` is replaced only with force=True."""
+    if not str(out).strip():  # Path("") is the current folder
+        raise ValueError("--out is empty; name the folder to write the export into")
     source, kind = export_source(checkpoint)
     _check_out(Path(out), source, force)
     out = Path(out).absolute()  # write_folder_atomically needs a name for its sibling temp folder
