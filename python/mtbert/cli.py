@@ -12,20 +12,18 @@ import click
 from click.core import ParameterSource
 
 from .experiments.ablation import GRIDS, run_grid
-from .checkpoint.format import META_FILE, existing_folder, read_meta
 from .errors import (CheckpointError, CheckpointWriteError, DataDirError, DataFormatError, DistributedError,
-                     ModelFolderError, NonFiniteError)
+                     ModelFolderError, NonFiniteError, RunFolderError)
 from .files import write_json
 from .data.readers import resolve_data_dir
 from .evaluation.evaluate import format_table
 from .checkpoint.export import export_checkpoint
 from .evaluation.inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
 from .evaluation.plots import plot_run
-from .checkpoint.schema import train_config_for_resume
 from .data.tasks import get_task, overall_scores, uses_data_dir
 from .config import PRESETS, TrainConfig, config_from_sources, declarations, device_problem
 from .limits import Limit
-from .training import pick_device, train
+from .training import pick_device, start, train
 
 try:  # Python 3.11+
     import tomllib
@@ -201,36 +199,35 @@ def build_train_config(ctx: click.Context, params: dict, preset: Optional[str], 
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="TOML file with the same keys as the flags (flags override it).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
-              help="Continue the interrupted run in this --out folder, with its saved configuration.")
+              help="Continue the run in this --out folder with its saved configuration (flags may repeat "
+                   "saved values; a larger --max-steps or --epochs extends it).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run already in --out (by default the same command continues an unfinished "
+                   "run of the same configuration and refuses anything else).")
 @training_options
 @click.pass_context
-def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
+def train_cmd(ctx: click.Context, preset, config_file, resume_dir, overwrite, **params):
     """Fine-tune one shared BERT encoder on SST-5, Quora and STS-B at once.
 
     With no options: all-MiniLM-L6-v2 on the data directory, a CPU-sized budget.
     """
     if resume_dir is not None:
-        given = _given_flags(ctx, params)
-        extra = sorted(set(given) - {"data_dir", "device", "progress"})
-        if extra or preset or config_file:
+        if preset or config_file or overwrite:
             raise click.UsageError("--resume continues the saved configuration; do not combine it with "
-                                   + ", ".join(["--" + e.replace("_", "-") for e in extra]
-                                               + (["--preset"] if preset else [])
-                                               + (["--config"] if config_file else [])))
+                                   + ", ".join((["--preset"] if preset else []) + (["--config"] if config_file else [])
+                                               + (["--overwrite"] if overwrite else [])))
         # robustness hook: the recovery copy of last/ (a kill between the writer's two renames)
         # is used, and the saved configuration is schema-checked (CheckpointError, one line)
         try:
-            last = existing_folder(Path(resume_dir) / "last")
-            if last is None:
-                raise CheckpointError(f"nothing to resume: {Path(resume_dir) / 'last'} does not exist")
-            cfg = train_config_for_resume(read_meta(last), last / META_FILE,
-                                          {**_normalize(given), "out": str(resume_dir)})
-        except CheckpointError as exc:
+            cfg, extended = start.resume_config(Path(resume_dir), _normalize(_given_flags(ctx, params)))
+        except (CheckpointError, RunFolderError) as exc:
             _fail(exc)
+        for change in extended:
+            click.echo(f"extending the run: {change}", err=True)
     else:
         cfg = build_train_config(ctx, params, preset, config_file)
     try:
-        train(cfg, resume=resume_dir is not None)
+        train(cfg, resume=resume_dir is not None, overwrite=overwrite)
     except (NonFiniteError, CheckpointWriteError) as exc:
         _fail_run(exc)
     except (DataDirError, DataFormatError, ModelFolderError, CheckpointError, ValueError,

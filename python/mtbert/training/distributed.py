@@ -332,9 +332,17 @@ def init(device_name: str = "auto") -> Context:
         device, backend = torch.device("cpu"), "gloo"
     else:
         raise ValueError(f"--device {device_name} is not supported under torchrun (auto, cuda, cpu)")
+    timeout = timedelta(seconds=timeout_seconds())
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=timedelta(seconds=timeout_seconds()))
+        store = None
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if attempt is not None:
+            # torchrun --max-restarts: the agent's store outlives a failed attempt, and the
+            # peer addresses it holds from that attempt name dead processes; each attempt
+            # keeps its keys apart
+            base, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+            store = dist.PrefixStore(f"/mtbert/attempt_{attempt}", base)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout, store=store)
     except Exception as exc:
         raise DistributedError(f"rank {rank}/{world}: cannot join the process group ({exc})") from None
     _CURRENT = Context(rank, world, local, device, backend)

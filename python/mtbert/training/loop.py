@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import runfolder
 from ..config import TrainConfig
-from . import distributed
+from . import distributed, start
 from .distributed import say
 from .finish import finish_run
 from .records import DiscardedLog, MetricsLog, TrainLog
@@ -31,18 +31,29 @@ def due(run: Run) -> tuple[bool, bool]:
     return evaluate, evaluate or step % cfg.save_every == 0
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
-    """Run (or continue, with resume=True) the training described by cfg; returns the summary.
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the training described by cfg, or continue it; returns the summary.
 
-    The run folder is locked for the whole run (a second run on it is refused) and healed
-    first (see runfolder.py); under torchrun rank 0 alone locks and heals it."""
+    Without ``resume``, what the run folder holds decides (start.py): a fresh start, the
+    continuation of an unfinished run of the same configuration, or a one-line refusal
+    (``overwrite`` replaces the run whole instead). The folder is locked for the whole run (a
+    second run on it is refused) and healed first (see runfolder.py); under torchrun rank 0
+    alone locks, heals and clears it, and every rank reads the same decision off the folder."""
     ranks = distributed.env_context()
     if ranks is not None and ranks[0] != 0:  # [ddp] rank 0 holds the lock for the whole job
+        if not resume:
+            resume = start.decide(cfg, overwrite=overwrite)[0]
         return _train_locked(cfg, resume=resume)
     # robustness hook: one run per folder; leftovers of a killed checkpoint write repaired
     with runfolder.locked_run_folder(Path(cfg.out)) as out:
         for action in runfolder.heal(out):
             say(f"{out}: {action}")
+        if not resume:
+            resume, message = start.decide(cfg, overwrite=overwrite)
+            if overwrite and not start.inspect(out).empty:
+                say(f"{out}: --overwrite: removed the previous run ({', '.join(start.clear(out))})")
+            if message:
+                say(message)
         return _train_locked(cfg, resume=resume)
 
 
