@@ -225,15 +225,30 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_m
 
 
 @pytest.mark.parametrize("combine", ["uw", "dwa"])
-def test_rank_local_loss_weighting_is_refused_under_torchrun(tmp_path, tiny_model_dir, data_dir, combine):
-    cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, combine=combine, **EXACT)
-    procs = launch(cli_args(cfg, 3), 2, tmp_path, "refused")
-    for p in procs:
-        p.wait(timeout=120)
-    for r, p in enumerate(procs):
-        text = (tmp_path / f"refused-rank{r}.log").read_text()
-        assert p.returncode != 0 and f"--combine {combine} runs in one process only" in text, text[-2000:]
-    assert not (Path(cfg.out) / "last").exists()
+def test_loss_weighting_weighs_the_global_losses_under_torchrun(tmp_path, no_dropout_model_dir, data_dir, combine):
+    """UW and DWA reduce the T task losses over the ranks (not the (T, P) buffer): every rank
+    holds bitwise-identical weights, equal to one process with twice the batch. DWA's period
+    is one step here, so its weights move; UW's log-variances get the sum of the ranks'
+    gradients, their data-free terms counted once."""
+    run = dict(EXACT, steps_per_epoch=1)
+    one = tiny_config(tmp_path / "one", no_dropout_model_dir, data_dir, combine=combine, **run)
+    train(one)
+    two = tiny_config(tmp_path / "two", no_dropout_model_dir, data_dir, combine=combine, **run)
+    logs = run_ranks(cli_args(two, EXACT["batch_size"] // 2) + ["--steps-per-epoch", "1"], 2, tmp_path, "lw")
+    assert_close(weights(two.out), weights(one.out))
+    digest = distributed.state_digest(weights(two.out))
+    assert f"weights bitwise identical on all 2 rank(s) (sha256 {digest})" in logs[0]
+    def step_weights(out):  # every step's weights: per-step records, and the train lines' own
+        return [r.get("aggregation", r).get("weights") for r in read_log(out)
+                if r["type"] == "aggregation" or (r["type"] == "train" and "aggregation" in r)]
+    ta, tb = step_weights(one.out), step_weights(two.out)
+    assert len(ta) == len(tb) == 6
+    assert np.allclose(ta, tb, rtol=1e-5, atol=1e-7)
+    assert len({tuple(w) for w in ta}) > 1, "the weights never moved: the test would not see a difference"
+    if combine == "uw":  # the learned log-variances are in the resume state
+        sa = json.loads((Path(one.out) / "last" / "training_state.json").read_text())["aggregation"]
+        sb = json.loads((Path(two.out) / "last" / "training_state.json").read_text())["aggregation"]
+        assert np.allclose(sa["state"]["log_vars"], sb["state"]["log_vars"], rtol=1e-5, atol=1e-7)
 
 
 def test_sharded_evaluation_scores_equal_one_process(tmp_path, tiny_model_dir, data_dir):

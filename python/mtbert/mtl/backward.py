@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .engine import combine, combine_torch, gram, gram_torch
 from .methods import Method, make_method
+from .methods.base import loss_values
 from .pcgrad import check_eps, check_reduction
 from .stats import AggregationStats
 
@@ -58,7 +59,9 @@ class MultiTaskBackward:
        float32 buffer allocated once;
     2. ``sync``, when given, is called on the buffer and may change it in place:
        multi-process training sums it over ranks there (mtbert.training.distributed), so
-       every rank combines the global per-task gradients and takes the same update;
+       every rank combines the global per-task gradients and takes the same update
+       (loss-weighting methods get ``loss_sync`` instead: the T loss values summed over the
+       ``world_size`` ranks);
     3. the Gram matrix (native on the CPU, torch elsewhere), the method's weights, and one
        combination pass into a reused result buffer;
     4. the shared parameters' ``.grad`` are *set* (not accumulated) to the result: float32
@@ -83,10 +86,14 @@ class MultiTaskBackward:
         *,
         num_tasks: Optional[int] = None,
         sync: Optional[Callable[[Tensor], None]] = None,
+        loss_sync: Optional[Callable[[Sequence[Optional[float]]], list]] = None,
+        world_size: int = 1,
         backend: str = "auto",
         **options,
     ):
         self.sync = sync
+        self.loss_sync = loss_sync  # loss weighting: the T loss values summed over the ranks
+        self.world_size = world_size
         self.method = make_method(method, **options) if isinstance(method, str) else method
         if not isinstance(method, str) and options:
             raise ValueError("options go to make_method, not to MultiTaskBackward, when method is an object")
@@ -193,7 +200,11 @@ class MultiTaskBackward:
         the state still advances (a data-parallel rank without examples keeps in step)."""
         if self.method.gradient_based:
             raise ValueError(f"{self.method.name} combines per-task gradients: call backward()")
-        total, w = self.method.weighted_loss(list(losses))
+        losses = list(losses)
+        values = loss_values(losses)
+        if self.loss_sync is not None:  # multi-process: the weights of the global losses
+            values = self.loss_sync(values)
+        total, w = self.method.weighted_loss(losses, values, share=1.0 / self.world_size)
         return total, AggregationStats.build(self.method.name, w, None)
 
     def _fill_task_gradients(self, losses: list[Optional[Tensor]]) -> None:

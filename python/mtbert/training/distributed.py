@@ -253,6 +253,23 @@ def sum_task_gradients(buffer: torch.Tensor) -> None:
     _CURRENT.sum_(buffer, "the per-task gradient sum")
 
 
+def sum_task_losses(values: Sequence[Optional[float]]) -> list[Optional[float]]:
+    """This rank's T task losses (each already scaled by the rank's share of the task's
+    examples; None: no example here) summed over the ranks: the global mean losses, the
+    same on every rank (None for a task no rank had). The hook of the loss-weighting methods
+    (uw, dwa, ...), so that they weigh the global losses, not each rank's own: T scalars of
+    traffic, not the (T, P) buffer."""
+    flat = [0.0 if v is None else float(v) for v in values] + [0.0 if v is None else 1.0 for v in values]
+    total = _CURRENT.sum_(torch.tensor(flat, dtype=torch.float64), "the task-loss sum").tolist()
+    T = len(values)
+    return [total[i] if total[T + i] > 0 else None for i in range(T)]
+
+
+def task_loss_sync(ctx: Context) -> Optional[Callable[[Sequence[Optional[float]]], list]]:
+    """:func:`sum_task_losses` under torchrun, None in a single process (nothing to do)."""
+    return sum_task_losses if ctx.active else None
+
+
 def task_gradient_sync(ctx: Context) -> Optional[Callable[[torch.Tensor], None]]:
     """:func:`sum_task_gradients` under torchrun, None in a single process (nothing to do)."""
     return sum_task_gradients if ctx.active else None

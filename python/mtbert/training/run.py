@@ -26,11 +26,6 @@ from ..mtl import MultiTaskBackward
 from . import distributed
 from .distributed import say
 
-# DWA weighs each rank's own losses and UW's log-variances train outside the gradient
-# all-reduce: under torchrun their weights would differ between the ranks.
-SINGLE_PROCESS_COMBINES = ("uw", "dwa")
-
-
 def pick_device(name: str) -> torch.device:
     if device_problem(name):  # robustness hook: torch.device("bad") raises a RuntimeError
         raise ValueError(device_problem(name))
@@ -138,10 +133,6 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
     seed: the same cfg builds the same run). Under torchrun, joins the process group first;
     `resume` keeps the global batch saved in the run's resume checkpoint."""
     out = Path(cfg.out)
-    launched = distributed.env_context()  # (rank, world size, local rank) under torchrun, else None
-    if launched is not None and launched[1] > 1 and cfg.combine in SINGLE_PROCESS_COMBINES:
-        raise ValueError(f"--combine {cfg.combine} runs in one process only (under torchrun its weights "
-                         f"would differ between the ranks)")
     dist = distributed.init(cfg.device)  # [ddp] joins the process group under torchrun
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -200,9 +191,11 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
                 weights[task] = class_weights(data.train[task].labels, get_task(task).num_classes).to(device)
     combiner = None
     if cfg.combine != "sum" and not cfg.freeze_encoder:
-        # [ddp] the sync sums the (T, P) buffer over ranks before the method sees it
+        # [ddp] the sync sums the (T, P) buffer (gradient methods) or the T loss values (loss
+        # weighting) over the ranks before the method sees them
         combiner = MultiTaskBackward(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
-                                     cfg.make_method(steps_per_epoch), sync=distributed.task_gradient_sync(dist))
+                                     cfg.make_method(steps_per_epoch), sync=distributed.task_gradient_sync(dist),
+                                     loss_sync=distributed.task_loss_sync(dist), world_size=dist.world_size)
         if combiner.parameters():  # the method's own parameters (UW), without weight decay
             optimizer.add_param_group({"params": combiner.parameters(), "weight_decay": 0.0})
     return Run(cfg=cfg, out=out, device=device, precision=precision, data_dir=data_dir, tokenizer=tokenizer,

@@ -144,6 +144,8 @@ def train_step(run: Run) -> StepResult:
     # [ddp] the exact sum over ranks; a gradient combiner's shared gradients were summed before it ran
     summed = run.combiner.shared if stats is not None and combines_gradients(run.combiner) else ()
     distributed.sum_gradients(run.trainable, already_summed=summed)
+    if run.combiner is not None and run.combiner.parameters():  # [ddp] the method's own (UW's log-variances)
+        distributed.sum_gradients(run.combiner.parameters())
     clip_gradients(run, list(losses))
     optimizer_step(run)
     # [ddp] every task of the step gets a loss (0.0 on a rank without its slice): the logs sum over ranks

@@ -81,11 +81,16 @@ class Method:
         """(T,) weights of the task losses (loss-weighting methods)."""
         return np.ones(len(losses))
 
-    def weighted_loss(self, losses: Sequence[Optional[Tensor]]) -> tuple[Optional[Tensor], np.ndarray]:
+    def weighted_loss(self, losses: Sequence[Optional[Tensor]], values: Optional[Sequence[Optional[float]]] = None,
+                      share: float = 1.0) -> tuple[Optional[Tensor], np.ndarray]:
         """The differentiable ``sum_i w_i L_i`` over the present losses (None: a task without
         a batch this step) and the weights, advancing the method's state. Without any loss
-        the total is None and the state still advances."""
-        values = [float(l.detach()) if isinstance(l, Tensor) else None for l in losses]
+        the total is None and the state still advances. ``values``: the loss values the
+        weights are computed from (under torchrun the global ones, summed over the ranks;
+        default: these losses'); ``share``: this rank's share of terms that do not depend on
+        the data (1 / world size), so that their sum over the ranks counts them once."""
+        if values is None:
+            values = loss_values(losses)
         w = self.loss_weights(values)
         terms = [float(wi) * l for wi, l in zip(w, losses) if isinstance(l, Tensor)]
         return (sum(terms) if terms else None), w
@@ -149,6 +154,11 @@ def nonzero(G: np.ndarray) -> np.ndarray:
     """Tasks whose gradient is not (numerically) zero."""
     d = np.maximum(np.diag(G), 0.0)
     return d > ZERO * max(d.max(initial=0.0), np.finfo(np.float64).tiny)
+
+
+def loss_values(losses: Sequence[Optional[Tensor]]) -> list[Optional[float]]:
+    """The float value of each loss tensor, None where a task has no loss this step."""
+    return [float(l.detach()) if isinstance(l, Tensor) else None for l in losses]
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ...limits import FINITE
-from .base import Method, Param
+from .base import Method, Param, loss_values
 
 
 class UW(Method):
@@ -37,17 +37,27 @@ class UW(Method):
     def weights(self, G):
         return self.loss_weights([0.0] * G.shape[0])
 
-    def weighted_loss(self, losses: Sequence[Optional[Tensor]]) -> tuple[Tensor, np.ndarray]:
+    def weighted_loss(self, losses: Sequence[Optional[Tensor]], values: Optional[Sequence[Optional[float]]] = None,
+                      share: float = 1.0) -> tuple[Tensor, np.ndarray]:
         """The differentiable total loss (its gradient also trains s); a missing loss (None)
-        counts as 0, so its log-variance term still enters."""
+        counts as 0, so its log-variance term still enters. ``share`` scales the s terms (they
+        do not depend on the data): under torchrun each rank adds 1/W of them, so that the sum
+        of the ranks' gradients counts them once."""
         present = [l for l in losses if isinstance(l, Tensor)]
-        if not present:
-            raise ValueError("no loss tensor to backward")
-        values = [float(l.detach()) if isinstance(l, Tensor) else None for l in losses]
-        zero = present[0].new_zeros(())
         self.setup(len(losses))
         s = self.log_vars
-        total = sum(0.5 * torch.exp(-s[i]).to(l.dtype) * l + 0.5 * s[i].to(l.dtype)
+        if not present:
+            if share >= 1.0:
+                raise ValueError("no loss tensor to backward")
+            # a data-parallel rank without any example still adds its share of the s terms
+            total = sum(0.5 * s[i] * share for i in range(len(losses)))
+            return total, self.loss_weights(values if values is not None else [None] * len(losses))
+        if values is None:
+            values = loss_values(losses)
+        zero = present[0].new_zeros(())
+        reg = [0.5 * s[i].to(l.dtype) if share == 1.0 else 0.5 * s[i].to(l.dtype) * share
+               for i, l in enumerate(l if isinstance(l, Tensor) else zero for l in losses)]
+        total = sum(0.5 * torch.exp(-s[i]).to(l.dtype) * l + reg[i]
                     for i, l in enumerate(l if isinstance(l, Tensor) else zero for l in losses))
         return total, self.loss_weights(values)
 
