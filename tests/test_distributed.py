@@ -224,7 +224,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_m
     assert not any(p.name.startswith(".last.tmp") for p in Path(two.out).iterdir())
 
 
-@pytest.mark.parametrize("combine", ["uw", "dwa"])
+@pytest.mark.parametrize("combine", ["uw", "dwa", "famo"])
 def test_rank_local_loss_weighting_is_refused_under_torchrun(tmp_path, tiny_model_dir, data_dir, combine):
     cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, combine=combine, **EXACT)
     procs = launch(cli_args(cfg, 3), 2, tmp_path, "refused")

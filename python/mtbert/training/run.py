@@ -26,9 +26,9 @@ from ..mtl import MultiTaskBackward
 from . import distributed
 from .distributed import say
 
-# DWA weighs each rank's own losses and UW's log-variances train outside the gradient
-# all-reduce: under torchrun their weights would differ between the ranks.
-SINGLE_PROCESS_COMBINES = ("uw", "dwa")
+# DWA and FAMO weigh each rank's own losses and UW's log-variances train outside the
+# gradient all-reduce: under torchrun their weights would differ between the ranks.
+SINGLE_PROCESS_COMBINES = ("uw", "dwa", "famo")
 
 
 def pick_device(name: str) -> torch.device:
