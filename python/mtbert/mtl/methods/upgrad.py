@@ -5,24 +5,47 @@ from __future__ import annotations
 import numpy as np
 import scipy.optimize
 
-from .base import REDUCTION, Method, Param
+from .base import REDUCTION, Method
+
+
+# Ridge on the QP's variables, relative to the largest squared gradient norm: where G is
+# singular, weights that give the same projection differ along G's null space; the ridge
+# keeps them bounded (without it NNLS can follow rounding noise to weights of 1e30); the
+# exact least squares on the support NNLS found then removes its bias.
+RIDGE = 1e-12
 
 
 def dual_cone_weights(G: np.ndarray, u: np.ndarray) -> np.ndarray:
     """The weights v of the projection of ``J^T u`` onto the dual cone {x : J x >= 0} of the
-    rows of J (G = J J^T): v = argmin_{v >= u} v^T G v, solved exactly as a non-negative
-    least-squares problem (scipy's active-set NNLS).
+    rows of J (G = J J^T): v = argmin_{v >= u} v^T G v, solved as a non-negative
+    least-squares problem (scipy's active-set NNLS, exact in finitely many steps).
 
-    With G / s = A^T A (a square root from the eigendecomposition, s the largest diagonal
-    entry), v = u + x and x = argmin_{x >= 0} ||A x + A u||^2. The argmin in x may not be
-    unique when G is singular; the projection J^T v is."""
+    With G / s = A^T A (A from the eigendecomposition, eigenvalues at rounding level
+    dropped; s the largest diagonal entry), v = u + x and
+    x = argmin_{x >= 0} ||A x + A u||^2 + RIDGE ||x||^2, then re-solved exactly on the
+    support that NNLS found."""
     T = G.shape[0]
+    u = np.asarray(u, dtype=np.float64)
     scale = np.max(np.diag(G), initial=0.0)
     if not scale > 0:  # every gradient is zero: the projection is 0 whatever v
-        return np.array(u, dtype=np.float64)
+        return u.copy()
     lam, V = np.linalg.eigh(G / scale)
-    A = np.sqrt(np.clip(lam, 0.0, None))[:, None] * V.T  # (T, T), A^T A = G / scale
-    x, _ = scipy.optimize.nnls(A, -(A @ u), maxiter=50 * T)
+    keep = lam > T * np.finfo(np.float64).eps * lam.max()
+    A = np.sqrt(lam[keep])[:, None] * V[:, keep].T  # (r, T), A^T A = G / scale up to rounding
+    M = np.vstack([A, np.sqrt(RIDGE) * np.eye(T)])
+    b = -(A @ u)
+    x, _ = scipy.optimize.nnls(M, np.r_[b, np.zeros(T)], maxiter=50 * T)
+    # The ridge's bias removed: on the support S that NNLS found, the optimality equations
+    # G_SS x_S = -(G u)_S solved on G itself (not its square root: no loss of precision), by
+    # least squares (the minimum-norm solution, still bounded where G_SS is singular); kept
+    # where it stays >= 0.
+    support = np.flatnonzero(x > 0)
+    if len(support):
+        Gs = G / scale
+        exact = np.zeros(T)
+        exact[support] = np.linalg.lstsq(Gs[np.ix_(support, support)], -(Gs @ u)[support], rcond=1e-13)[0]
+        if np.all(exact >= 0):
+            x = exact
     return u + x
 
 
@@ -34,7 +57,8 @@ class UPGrad(Method):
     float64, no QP library) and w = mean_i v_i (``reduction="sum"``: their sum). Without
     conflicts every projection is its own gradient and d is the mean (sum) of the
     gradients. TorchJD (the authors' library) solves the same QP with quadprog on G
-    normalized and regularized by 1e-4 I; we solve it on G itself."""
+    normalized and regularized by 1e-4 I; we solve it on G itself (a 1e-12 ridge keeps the
+    weights bounded where G is singular, and is removed on the support it finds)."""
 
     name = "upgrad"
     gradient_based = True
