@@ -4,8 +4,10 @@ fp32 on the CPU: one `train.train_step` (forward, backward through the method, c
 AdamW) per round, after one warm-up step.
 
 Gradient methods take one backward per task into the (T, P) buffer, the Gram and
-combination passes and the T x T algebra; loss-weighting methods one backward of the
-weighted sum, like `sum`. The ratio of a method's mean to `sum`'s mean within one run is its
+combination passes and the T x T algebra; loss-weighting methods (uw, dwa, rlw, famo) one
+backward of the weighted sum, like `sum`. FAMO beside sum and Nash-MTL:
+
+    pytest benches/bench_method_step.py --benchmark-only -m slow -k "sum or nash or famo" The ratio of a method's mean to `sum`'s mean within one run is its
 overhead (the machine's load moves both).
 
     pytest benches/bench_method_step.py --benchmark-only -m slow --benchmark-columns=mean,stddev,rounds
