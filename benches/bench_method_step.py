@@ -36,3 +36,20 @@ def test_method_step(benchmark, tmp_path, model_dir, data_dir, method):
     result = benchmark.pedantic(train_step, args=(run,), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     assert set(result.losses) == {"sst", "para", "sts"}
     assert (result.stats is None) == (method == "sum")
+
+
+@pytest.mark.benchmark(group="loss-weighting-overhead")
+@pytest.mark.parametrize("method", ["sum", "famo", "dwa"])
+def test_loss_weighting_overhead(benchmark, method):
+    """What a loss-weighting method adds to a step: its weighted sum of three scalar losses
+    (the weights' float64 algebra, FAMO's logit update) against the plain sum; the backward
+    that follows is the same one backward either way. Compare with the step times above."""
+    import torch
+
+    losses = [torch.tensor(v, requires_grad=True) for v in (1.2, 0.7, 2.5)]
+    if method == "sum":
+        total = benchmark(lambda: sum(losses))
+    else:
+        mtb = agg.MultiTaskBackward([torch.zeros(1, requires_grad=True)], method=method, num_tasks=3)
+        total, _ = benchmark(mtb.weighted_loss, losses)
+    assert total.requires_grad
