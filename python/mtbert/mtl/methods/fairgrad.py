@@ -74,8 +74,8 @@ class FairGrad(Method):
     of the tasks' loss decreases (log for alpha = 1), which gives G w = w^(-1/alpha) with
     w > 0. alpha = 1 is proportional fairness (Nash-MTL's equations, unnormalized), alpha -> 0
     the plain sum, alpha -> infinity max-min fairness (G w = 1). The default alpha = 2 is
-    the one the authors' experiment scripts run (their code's flag defaults to 1, which is
-    our ``nash`` with normalize=False). The official code solves the equations with
+    the one the authors' CelebA and QM9 scripts run (their code's flag defaults to 1, which
+    is our ``nash`` with normalize=False). The official code solves the equations with
     scipy's least_squares from w = 1/T (stopping at its default tolerances); we minimize
     the convex function whose stationary point they are, by Newton's method, to a relative
     residual of 1e-13. ``alpha`` is kept in [0.01, 10], where that solve is reliable. A zero
