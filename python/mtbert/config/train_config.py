@@ -75,7 +75,14 @@ class TrainConfig:
                                          "(0: off).")
     aligned_scale: str = method_option("aligned", "scale", "Aligned-MTL's scale: smallest (min), median or rms "
                                        "singular value.")
+    # sum, as for pcgrad: without conflicts UPGrad's update is then the summed loss's
+    upgrad_reduction: str = method_option("upgrad", "reduction", "Combine UPGrad's projected gradients by sum "
+                                          "(same scale as --combine sum) or mean (the paper's).", default="sum")
+    fairgrad_alpha: float = method_option("fairgrad", "alpha", "FairGrad's alpha: 1 proportional fairness "
+                                          "(Nash-MTL), larger values nearer max-min fairness.")
     dwa_temperature: float = method_option("dwa", "temperature", "DWA's softmax temperature.")
+    famo_lr: float = method_option("famo", "lr", "FAMO: Adam learning rate of the task-weight logits.")
+    famo_gamma: float = method_option("famo", "gamma", "FAMO: decay of the task-weight logits.")
     uw_init: float = method_option("uw", "init", "Uncertainty weighting: initial log-variance of every task.")
     # ---- sampling and batches
     sampling: str = option("round-robin", "Tasks per step: all (round-robin) or drawn by size (proportional, "

@@ -3,8 +3,9 @@
 Gradient methods (per-task gradients, weights from the Gram matrix): ``pcgrad`` (Yu et al.
 2020), ``mgda`` (Sener & Koltun 2018), ``cagrad`` (Liu et al. 2021), ``gradvac`` (Wang et al.
 2021), ``imtl`` (IMTL-G, Liu et al. 2021), ``nash`` (Nash-MTL, Navon et al. 2022), ``aligned``
-(Aligned-MTL, Senushkin et al. 2023). Loss weighting (no per-task gradients needed): ``uw``
-(Kendall et al. 2018), ``dwa`` (Liu et al. 2019), ``rlw`` (Lin et al. 2021); and the
+(Aligned-MTL, Senushkin et al. 2023), ``upgrad`` (UPGrad, Quinton & Rey 2024), ``fairgrad``
+(Ban & Ji 2024). Loss weighting (no per-task gradients needed): ``uw`` (Kendall et al. 2018),
+``dwa`` (Liu et al. 2019), ``rlw`` (Lin et al. 2021), ``famo`` (Liu et al. 2023); and the
 baselines ``sum`` and ``mean``.
 
 Where we deliberately differ from LibMTL (pinned in tests/test_aggregation.py): MGDA is
@@ -24,17 +25,20 @@ from .base import Method, OrderedMethod, Param
 from .baselines import Mean, Sum
 from .cagrad import CAGrad
 from .dwa import DWA
+from .fairgrad import FairGrad
+from .famo import FAMO
 from .gradvac import GradVac
 from .imtl import IMTL
 from .mgda import MGDA
 from .nash import NashMTL
 from .pcgrad import PCGradMethod
 from .rlw import RLW
+from .upgrad import UPGrad
 from .uw import UW
 
 _CLASSES: dict[str, type[Method]] = {
     cls.name: cls for cls in (Sum, Mean, PCGradMethod, MGDA, CAGrad, GradVac, IMTL, NashMTL, AlignedMTL,
-                              UW, DWA, RLW)
+                              UPGrad, FairGrad, UW, DWA, RLW, FAMO)
 }
 # The one list of methods: --combine's choices come from here.
 METHODS = tuple(_CLASSES)
@@ -58,4 +62,4 @@ def make_method(name: str, **options) -> Method:
 
 __all__ = ["METHODS", "GRADIENT_METHODS", "LOSS_METHODS", "DEFAULT_OPTIONS", "Method", "OrderedMethod", "Param",
            "make_method", "method_class", "Sum", "Mean", "PCGradMethod", "MGDA", "CAGrad", "GradVac", "IMTL",
-           "NashMTL", "AlignedMTL", "UW", "DWA", "RLW"]
+           "NashMTL", "AlignedMTL", "UPGrad", "FairGrad", "UW", "DWA", "RLW", "FAMO"]
