@@ -16,8 +16,8 @@ class ScaleFree(Method):
     weights carry no gradient).
 
     Why: the plain sum weighs a task by its loss's units. STS-B's MSE on 0-5 scores starts
-    near 6x the cross-entropies of SST-5 and Quora, so at the start of training the sum is
-    mostly STS. Dividing by the loss's own scale makes every task's term start near 1,
+    5.6x SST-5's cross-entropy and 13x Quora's (the embedded model before its first step:
+    docs/methods.md), so at the start of training the sum is mostly STS. Dividing by the loss's own scale makes every task's term start near 1,
     whatever its units, with no weight to tune.
 
     ``estimate``:
