@@ -189,6 +189,15 @@ def test_one_task_samplers_draw_one_task():
     assert [step_tasks(s, tasks, probs, 7, "one-proportional") for s in range(50)] != draws[:50]
 
 
+def test_one_task_sampling_takes_sum_or_scalefree_only(tmp_path, tiny_model_dir, data_dir):
+    for method in ("pcgrad", "uw", "mean"):  # they would silently be the plain sum
+        with pytest.raises(ValueError, match="one task per step"):
+            tiny_config(tmp_path, tiny_model_dir, data_dir, combine=method, sampling="one-round-robin")
+    for method in ("sum", "scalefree"):
+        assert tiny_config(tmp_path, tiny_model_dir, data_dir, combine=method,
+                           sampling="one-proportional").sampling == "one-proportional"
+
+
 def test_sampling_grid_matches_examples_seen(tmp_path, tiny_model_dir, data_dir):
     from mtbert.experiments.ablation import run_config
 

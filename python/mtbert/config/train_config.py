@@ -17,6 +17,7 @@ from .options import choice_problems, method_option, option, problems
 # temperature), or exactly one task (one-round-robin: in turn; one-proportional: drawn by
 # size), as sentence-transformers' multi-dataset trainer does.
 SAMPLINGS = ("round-robin", "proportional", "temperature", "one-round-robin", "one-proportional")
+ONE_TASK_SAMPLINGS = ("one-round-robin", "one-proportional")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
 SMART_NORMS = ("linf", "l2")
@@ -193,6 +194,10 @@ class TrainConfig:
                     raise ValueError(f"{legacy}={value} and dropout {task}={self.dropout[task]} disagree")
         for task, value in self.dropout.items():
             get_task(task)
+        if self.sampling in ONE_TASK_SAMPLINGS and self.combine != "sum" and \
+                not method_class(self.combine).weighs_every_step:
+            raise ValueError(f"--combine {self.combine} combines the tasks of a step, and --sampling "
+                             f"{self.sampling} gives one task per step (use sum or scalefree)")
         self.task_weights = dict(self.task_weights)
         if self.task_weights:
             if self.combine != "sum":

@@ -124,7 +124,7 @@ def run_config(base: TrainConfig, overrides: dict, seed: int, out: Path, lr: Opt
     batch = base.batch_size * overrides.pop("batch_scale", 1)
     scale = overrides.pop("steps_scale", 1)
     if scale != 1:
-        overrides["max_steps"] = base.max_steps * scale
+        overrides["max_steps"] = base.max_steps * scale if base.max_steps else None
         overrides["steps_per_epoch"] = (base.steps_per_epoch or 0) * scale
     return replace(base, **overrides, lr=lr, batch_size=batch, seed=seed, out=str(out))
 

@@ -106,9 +106,11 @@ def combines_gradients(combiner: MultiTaskBackward) -> bool:
 
 
 def backward(run: Run, losses: dict[str, torch.Tensor]):
-    """Fill the parameters' .grad from the task losses: their sum, or the combiner's result
-    (PCGrad and the gradient methods combine the per-task gradients; the loss-weighting
-    methods weight the losses, then one backward). Returns the combiner's statistics (or None)."""
+    """Fill the parameters' .grad from the task losses: their sum (with --task-weights, the
+    weighted sum), or the combiner's result (PCGrad and the gradient methods combine the
+    per-task gradients; the loss-weighting methods weight the losses, then one backward). A
+    step that drew a single task is summed, except by a method that weighs every step
+    (scalefree). Returns the combiner's statistics (or None)."""
     run.optimizer.zero_grad(set_to_none=True)
     combiner = run.combiner
     # [ddp] combine or not: decided by the step's tasks, the same on every rank (a rank may lack a slice)
