@@ -86,6 +86,8 @@ def test_task_weights_are_checked(tmp_path, tiny_model_dir, data_dir):
         tiny_config(tmp_path, tiny_model_dir, data_dir, task_weights={"sst": 0, "para": 0, "sts": 0.0})
     with pytest.raises(ValueError, match=">= 0"):
         tiny_config(tmp_path, tiny_model_dir, data_dir, task_weights={"sst": -1.0})
+    result = CliRunner().invoke(train_cmd, ["--holdout", "-1"])
+    assert result.exit_code == 2 and "holdout must be >= 0" in result.output
     result = CliRunner().invoke(train_cmd, ["--task-weights", "sts=abc"])
     assert result.exit_code == 2 and "expected TASK=VALUE" in result.output
     result = CliRunner().invoke(train_cmd, ["--task-weights", "sts=0.5", "--combine", "mgda"])
