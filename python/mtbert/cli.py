@@ -297,7 +297,12 @@ def predict_cmd(checkpoint, as_json, sentence, second):
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--grid", type=click.Choice(list(GRIDS)), default="seed", show_default=True,
               help="Which grid of configurations to run (seed: the study's ablation table; "
-                   "methods: every --combine method, same budget and seeds).")
+                   "methods: every --combine method, same budget and seeds; weights: fixed task "
+                   "weights of the sum, its trade-off front; sampling: all tasks per step against "
+                   "one task per step at equal examples seen).")
+@click.option("--lrs", default=None, metavar="LR,LR,...",
+              help="Run every configuration at each of these learning rates and report the one whose "
+                   "best checkpoints score highest on the --holdout rows (needs --holdout N).")
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Seeds per configuration (seed, seed+1, ...).")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True, max=1e6), default=1.0, show_default=True,
@@ -311,7 +316,7 @@ def predict_cmd(checkpoint, as_json, sentence, second):
               help="TOML base configuration (same keys as mtbert-train).")
 @training_options
 @click.pass_context
-def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, preset, config_file, **params):
+def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, lrs, preset, config_file, **params):
     """Rerun the study's ablation table: every configuration, several seeds, table and plot.
 
     Accepts every mtbert-train flag as the base configuration; --out is the grid's folder.
@@ -320,11 +325,33 @@ def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, preset, config_fil
     if ctx.get_parameter_source("out") != ParameterSource.COMMANDLINE:
         base = dataclasses.replace(base, out="runs/ablation")
     names = [n.strip() for n in only.split(",")] if only else None
+    swept = _parse_lrs(lrs) if lrs is not None else None
     try:
-        rows = run_grid(base, grid=grid, seeds=seeds, budget=budget, out=Path(base.out), only=names)
+        rows = run_grid(base, grid=grid, seeds=seeds, budget=budget, out=Path(base.out), only=names, lrs=swept)
     except (DataDirError, DataFormatError, ModelFolderError, ValueError) as exc:
         _fail(exc)
     click.echo(f"wrote {Path(base.out) / 'ablation.md'} and ablation.png ({len(rows)} configurations)")
+    if (Path(base.out) / "front.png").is_file() and grid in ("weights", "methods"):
+        click.echo(f"wrote {Path(base.out) / 'front.png'} (the weighted sums' trade-off front)")
+
+
+def _parse_lrs(text: str) -> list[float]:
+    """"5e-5,1e-4" -> [5e-5, 1e-4], each in --lr's declared range."""
+    values = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise click.BadParameter(f"{part.strip()!r} is not a number", param_hint="--lrs") from None
+        problem = DECLARED["lr"].limit.problem("lr", value)
+        if problem:
+            raise click.BadParameter(problem, param_hint="--lrs")
+        values.append(value)
+    if not values:
+        raise click.BadParameter("give at least one learning rate", param_hint="--lrs")
+    return values
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,7 +13,11 @@ from ..model.multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS
 from ..mtl.methods import METHODS, Method, make_method, method_class
 from .options import choice_problems, method_option, option, problems
 
-SAMPLINGS = ("round-robin", "proportional", "temperature")
+# Tasks per step: every task (round-robin), a draw by size of len(tasks) tasks (proportional,
+# temperature), or exactly one task (one-round-robin: in turn; one-proportional: drawn by
+# size), as sentence-transformers' multi-dataset trainer does.
+SAMPLINGS = ("round-robin", "proportional", "temperature", "one-round-robin", "one-proportional")
+ONE_TASK_SAMPLINGS = ("one-round-robin", "one-proportional")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
 SMART_NORMS = ("linf", "l2")
@@ -49,6 +53,10 @@ class TrainConfig:
                                         section="tasks", limit=POSITIVE_INT)
     eval_limit: Optional[int] = option(None, "Use at most N dev examples per task for evaluations during "
                                        "training.", section="tasks", limit=POSITIVE_INT)
+    # held-out training rows select the best checkpoint (and mtbert-ablate --lrs the lr), never dev
+    holdout: int = option(0, "Hold out N rows of each task's training file (the last row of each of N equal "
+                          "blocks), never trained on; they select the best checkpoint instead of dev (0: off).",
+                          section="tasks", limit=Limit(int, 0))
     # ---- optimization
     batch_size: int = option(16, "Batch size per task and step.", section="optimization", limit=POSITIVE_INT)
     eval_batch_size: int = option(64, "Batch size for evaluation.", section="optimization", limit=POSITIVE_INT)
@@ -84,9 +92,20 @@ class TrainConfig:
     famo_lr: float = method_option("famo", "lr", "FAMO: Adam learning rate of the task-weight logits.")
     famo_gamma: float = method_option("famo", "gamma", "FAMO: decay of the task-weight logits.")
     uw_init: float = method_option("uw", "init", "Uncertainty weighting: initial log-variance of every task.")
+    scalefree_estimate: str = method_option("scalefree", "estimate", "Scale-free sum: each loss's scale is a "
+                                            "bias-corrected moving average (ema) or the mean of its first k "
+                                            "losses (first).")
+    scalefree_beta: float = method_option("scalefree", "beta", "Scale-free sum: the moving average's rate.")
+    scalefree_k: int = method_option("scalefree", "k", "Scale-free sum: losses averaged by --scalefree-estimate "
+                                     "first.")
+    # task -> fixed weight of its loss in --combine sum; absent: 1 (no option: the plain sum, bitwise)
+    task_weights: dict[str, float] = option({}, "Fixed weight of a task's loss in --combine sum, TASK=W (repeat "
+                                            "the flag, or comma-separate: sts=0.2,sst=1.0; tasks not named keep "
+                                            "1).", section="method", limit=NON_NEGATIVE, kind="mapping")
     # ---- sampling and batches
-    sampling: str = option("round-robin", "Tasks per step: all (round-robin) or drawn by size (proportional, "
-                           "temperature).", section="tasks", choices=SAMPLINGS)
+    sampling: str = option("round-robin", "Tasks per step: all (round-robin), drawn by size (proportional, "
+                           "temperature), or one task per step, in turn (one-round-robin) or drawn by size "
+                           "(one-proportional).", section="tasks", choices=SAMPLINGS)
     temperature: float = option(2.0, "Temperature T for --sampling temperature (p ~ size^(1/T)).",
                                 section="tasks", limit=POSITIVE)
     max_length: int = option(128, "Maximum sequence length in tokens (longer inputs are truncated).",
@@ -182,6 +201,21 @@ class TrainConfig:
                     raise ValueError(f"{legacy}={value} and dropout {task}={self.dropout[task]} disagree")
         for task, value in self.dropout.items():
             get_task(task)
+        if self.sampling in ONE_TASK_SAMPLINGS and self.combine != "sum" and \
+                not method_class(self.combine).weighs_every_step:
+            raise ValueError(f"--combine {self.combine} combines the tasks of a step, and --sampling "
+                             f"{self.sampling} gives one task per step (use sum or scalefree)")
+        self.task_weights = dict(self.task_weights)
+        if self.task_weights:
+            if self.combine != "sum":
+                raise ValueError(f"task_weights apply to --combine sum only, not {self.combine} (a method "
+                                 "chooses its own weights)")
+            unknown = [t for t in self.task_weights if t not in self.tasks]
+            if unknown:
+                raise ValueError(f"task_weights name {', '.join(unknown)}, not among the tasks trained "
+                                 f"({', '.join(self.tasks)})")
+            if not any(self.task_weights.get(t, 1.0) > 0 for t in self.tasks):
+                raise ValueError("task_weights: every task's weight is 0, nothing would be trained")
         if self.epoch_task not in self.tasks:
             self.epoch_task = self.tasks[0]
 

@@ -312,6 +312,26 @@ def evenly_spaced(items: list, n: int) -> list:
     return [items[k * total // n] for k in range(n)]
 
 
+def held_out_rows(total: int, n: int) -> list[int]:
+    """The row positions ``--holdout n`` keeps out of training: the last row of each of n
+    equal blocks of the file (``(k + 1) * total // n - 1``), so the held-out rows span the
+    whole file (its order is not random: see load_split) and depend on nothing but the
+    file's length. ValueError when no training row would be left."""
+    if n >= total:
+        raise ValueError(f"holdout {n} leaves no training rows (the file has {total})")
+    return [(k + 1) * total // n - 1 for k in range(n)]
+
+
+def split_holdout(split: Split, n: int) -> tuple[Split, Split]:
+    """(training rows, held-out rows) of a loaded training split, disjoint, both in file
+    order; the held-out split is named "holdout"."""
+    rows = set(held_out_rows(len(split.examples), n))
+    train = [ex for i, ex in enumerate(split.examples) if i not in rows]
+    held = [split.examples[i] for i in sorted(rows)]
+    return (Split(split.task, split.split, split.path, train, split.bad_rows),
+            Split(split.task, "holdout", split.path, held))
+
+
 def all_sentences(splits: Iterable[Split]) -> list[str]:
     """Every sentence of the given splits (both sides of pairs), in file order."""
     out: list[str] = []

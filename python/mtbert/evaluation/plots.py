@@ -166,3 +166,49 @@ def plot_ablation(rows: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def pareto_front(points: np.ndarray) -> np.ndarray:
+    """(N,) bool: the rows of (N, T) scores (higher is better) that no other row dominates
+    (at least as good on every task, better on one)."""
+    keep = np.ones(len(points), dtype=bool)
+    for i, p in enumerate(points):
+        others = np.delete(points, i, axis=0)
+        keep[i] = not np.any(np.all(others >= p, axis=1) & np.any(others > p, axis=1))
+    return keep
+
+
+def plot_front(weight_rows: list[dict], method_rows: Optional[list[dict]], path: Path) -> Path:
+    """The weighted sum's trade-off front (mtbert-ablate --grid weights): one panel per pair of
+    tasks, dev scores (mean over seeds) of every fixed-weight point, the points no other
+    dominates on all tasks in black, the equal weights (the plain sum) ringed, and each
+    method's point (--grid methods in the same folder) labelled."""
+    tasks = list(dict.fromkeys(t for r in weight_rows for t in r["dev_mean"]))
+    pairs = [(a, b) for i, a in enumerate(tasks) for b in tasks[i + 1:]] or [(tasks[0], tasks[0])]
+    scores = np.array([[r["dev_mean"].get(t, np.nan) for t in tasks] for r in weight_rows])
+    front = pareto_front(np.nan_to_num(scores, nan=-np.inf))
+    equal = [i for i, r in enumerate(weight_rows) if r.get("task_weights") == {}]  # no weights: the plain sum
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5 * len(pairs), 4.5), squeeze=False)
+    cmap = plt.get_cmap("tab20")
+    for ax, (a, b) in zip(axes[0], pairs):
+        ia, ib = tasks.index(a), tasks.index(b)
+        ax.scatter(scores[~front, ia], scores[~front, ib], color="0.6", s=20, label="fixed weights")
+        ax.scatter(scores[front, ia], scores[front, ib], color="black", s=24, label="fixed weights, on the front")
+        for i in equal:
+            ax.scatter(scores[i, ia], scores[i, ib], facecolors="none", edgecolors="red", s=90,
+                       label="equal weights (sum)")
+        for k, r in enumerate(method_rows or []):
+            x, y = r["dev_mean"].get(a, np.nan), r["dev_mean"].get(b, np.nan)
+            ax.scatter([x], [y], marker="D", s=30, color=cmap(k % 20), label=r["name"])
+            ax.annotate(r["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel(f"dev {get_task(a).headline_title}")
+        ax.set_ylabel(f"dev {get_task(b).headline_title}")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), fontsize=7, loc="upper right")
+    fig.suptitle("weighted sums (mean over seeds) and the methods")
+    fig.tight_layout(rect=(0, 0, 0.85, 0.95))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+

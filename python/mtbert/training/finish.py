@@ -32,10 +32,17 @@ def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: s
     train_metrics, _ = evaluate_tasks(model, {t: d.head(1000) for t, d in data.train.items()},
                                       device=device, batch_size=cfg.eval_batch_size, precision=precision)
     summary = {"best_step": best_step, "dev": metrics, "train": train_metrics, **scores,
-               "malformed_rows_skipped": data.bad_rows, "truncated": data.truncated}
+               "malformed_rows_skipped": data.bad_rows, "truncated": data.truncated,
+               "selected_on": "holdout" if data.holdout else "dev"}
+    if data.holdout:  # --holdout: what selected the best checkpoint (and mtbert-ablate --lrs's lr)
+        held, _ = evaluate_tasks(model, data.holdout, device=device, batch_size=cfg.eval_batch_size,
+                                 precision=precision)
+        summary["holdout"] = held
+        summary["holdout_overall"] = overall_scores(held)["overall"]
     write_json(out / "summary.json", summary)
     table = format_table(metrics)
-    (out / "summary.md").write_text(f"# mtbert run summary\n\nbest step {best_step}, "
+    selected = " (selected on held-out training rows)" if data.holdout else ""
+    (out / "summary.md").write_text(f"# mtbert run summary\n\nbest step {best_step}{selected}, "
                                     f"{'full dev splits' if cfg.predict else 'dev (--eval-limit)'}\n\n"
                                     f"{table}\n", encoding="utf-8")
     say("\n" + table)

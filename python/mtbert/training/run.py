@@ -13,7 +13,7 @@ import torch
 
 from ..config import TrainConfig, device_problem
 from ..data.batches import EncodedSplit, TaskSampler, encode_split
-from ..data.readers import load_split, resolve_data_dir
+from ..data.readers import evenly_spaced, load_split, resolve_data_dir, split_holdout
 from ..data.tasks import get_task, uses_data_dir
 from ..data.tokenizer import WordPieceTokenizer
 from ..evaluation.evaluate import cache_features
@@ -49,7 +49,7 @@ def pick_precision(name: str, device: torch.device) -> str:
 
 def task_probabilities(sizes: dict[str, int], sampling: str, temperature: float) -> np.ndarray:
     n = np.array(list(sizes.values()), dtype=np.float64)
-    if sampling == "proportional":
+    if sampling in ("proportional", "one-proportional"):
         p = n
     elif sampling == "temperature":
         p = n ** (1.0 / temperature)
@@ -76,20 +76,34 @@ class RunData:
     dev: dict[str, EncodedSplit]
     bad_rows: int
     truncated: dict[str, int]
+    # --holdout: rows of each training file kept out of training; they select the best checkpoint
+    holdout: dict[str, EncodedSplit] = field(default_factory=dict)
 
 
 def load_run_data(cfg: TrainConfig, tokenizer: WordPieceTokenizer, data_dir: Path) -> RunData:
-    train, dev, bad, truncated = {}, {}, 0, {}
+    """Each task's training and dev splits, tokenized. With --holdout N the held-out rows are
+    taken from the whole training file first (the same rows whatever --train-limit and the
+    seed), and --train-limit then keeps rows of the rest."""
+    train, dev, holdout, bad, truncated = {}, {}, {}, 0, {}
+    encode = dict(max_length=cfg.max_length, pair_encoding=cfg.pair_encoding)
     for task in cfg.tasks:
-        tr = load_split(task, "train", data_dir, strict=cfg.strict, limit=cfg.train_limit)
+        tr = load_split(task, "train", data_dir, strict=cfg.strict, limit=None if cfg.holdout else cfg.train_limit)
         dv = load_split(task, "dev", data_dir, strict=cfg.strict, limit=cfg.eval_limit)
         bad += len(tr.bad_rows) + len(dv.bad_rows)
         if len(tr) == 0:
             raise ValueError(f"task {task}: the training split is empty")
-        train[task] = encode_split(tokenizer, tr, max_length=cfg.max_length, pair_encoding=cfg.pair_encoding)
-        dev[task] = encode_split(tokenizer, dv, max_length=cfg.max_length, pair_encoding=cfg.pair_encoding)
+        if cfg.holdout:
+            try:
+                tr, held = split_holdout(tr, cfg.holdout)
+            except ValueError as exc:
+                raise ValueError(f"task {task}: {exc}") from None
+            if cfg.train_limit is not None:
+                tr.examples = evenly_spaced(tr.examples, cfg.train_limit)
+            holdout[task] = encode_split(tokenizer, held, **encode)
+        train[task] = encode_split(tokenizer, tr, **encode)
+        dev[task] = encode_split(tokenizer, dv, **encode)
         truncated[task] = train[task].truncated + dev[task].truncated
-    return RunData(train, dev, bad, truncated)
+    return RunData(train, dev, bad, truncated, holdout)
 
 
 @dataclass
@@ -149,6 +163,7 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
     data = load_run_data(cfg, tokenizer, data_dir)
     sizes = {t: len(d) for t, d in data.train.items()}
     say(f"data from {data_dir or 'the task files'}: " + ", ".join(f"{t} {n} train / {len(data.dev[t])} dev"
+                                               + (f" / {len(data.holdout[t])} held out" if data.holdout else "")
                                                for t, n in sizes.items())
          + f" (tokenized in {time.time() - t0:.1f}s)")
     if data.bad_rows:
@@ -165,9 +180,9 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
     model.to(device)
     if cfg.freeze_encoder:  # a frozen encoder's features never change: compute them once
         t0 = time.time()
-        for split in (*data.train.values(), *data.dev.values()):
+        for split in (*data.train.values(), *data.dev.values(), *data.holdout.values()):
             cache_features(model, split, device=device, batch_size=cfg.eval_batch_size, precision=precision)
-        say(f"frozen encoder: features of every train and dev row cached in {time.time() - t0:.1f}s")
+        say(f"frozen encoder: features of every train, dev and held-out row cached in {time.time() - t0:.1f}s")
     dist.seed_dropout(cfg.seed)  # [ddp] per-rank dropout masks (rank 0 keeps the seed)
 
     # optimizer over trainable parameters only (frozen weights keep no state), schedule

@@ -76,7 +76,9 @@ def load_resume_state(out: Path, model, optimizer, samplers, combiner) -> dict:
 
 
 class Evaluator:
-    """Scores the dev data, logs the result, and keeps the best checkpoint by overall score."""
+    """Scores the dev data, logs the result, and keeps the best checkpoint by overall score:
+    the dev score, or with --holdout the held-out training rows' score (then dev is scored
+    and logged, but selects nothing)."""
 
     def __init__(self, log: MetricsLog, best_score: float = -math.inf, best_step: Optional[int] = None):
         self.log = log
@@ -91,10 +93,18 @@ class Evaluator:
         self.log.write({"type": "eval", "split": "dev", "step": run.step,
                         "epoch": run.step / run.steps_per_epoch, "metrics": metrics, **scores})
         line = ", ".join(f"{t} {m[get_task(t).headline_metric]:.4f}" for t, m in metrics.items())
-        improved = scores["overall"] > self.best_score
+        selection, selected_on = scores, "dev"
+        if run.data.holdout:  # --holdout: the held-out training rows select, dev is only reported
+            held, _ = distributed.evaluate_tasks(run.dist, run.model, run.data.holdout, device=run.device,
+                                                 batch_size=run.cfg.eval_batch_size, precision=run.precision)
+            selection, selected_on = overall_scores(held), "holdout"
+            self.log.write({"type": "eval", "split": "holdout", "step": run.step,
+                            "epoch": run.step / run.steps_per_epoch, "metrics": held, **selection})
+        improved = selection["overall"] > self.best_score
         say(f"step {run.step}: dev {line}; overall {scores['overall']:.4f}"
-             + (" (best so far, saved)" if improved else ""))
+            + (f"; held out {selection['overall']:.4f}" if selected_on == "holdout" else "")
+            + (" (best so far, saved)" if improved else ""))
         if improved:
-            self.best_score, self.best_step = scores["overall"], run.step
+            self.best_score, self.best_step = selection["overall"], run.step
             save_best(run, metrics, scores)
         return metrics

@@ -27,12 +27,23 @@ def lr_factor(step: int, total: int, warmup_steps: int) -> float:
 
 
 def step_tasks(step: int, tasks: list[str], probs: np.ndarray, seed: int, sampling: str) -> list[str]:
-    """The tasks of one step: all of them (round-robin), or len(tasks) draws by size."""
+    """The tasks of one step: all of them (round-robin), the distinct tasks of len(tasks)
+    draws by `probs` (proportional, temperature), or exactly one: tasks[step % T] in turn
+    (one-round-robin) or one draw by `probs` (one-proportional). Every draw comes from a
+    generator seeded with (seed, step), so a resumed run draws the same tasks."""
     if sampling == "round-robin":
         return list(tasks)
+    if sampling == "one-round-robin":
+        return [tasks[step % len(tasks)]]
     rng = np.random.default_rng([seed, 7919, step])
-    drawn = rng.choice(len(tasks), size=len(tasks), p=probs)
+    drawn = rng.choice(len(tasks), size=1 if sampling == "one-proportional" else len(tasks), p=probs)
     return [tasks[i] for i in sorted(set(drawn.tolist()))]
+
+
+def weighted_sum(losses: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum_t w_t L_t over the step's losses, in their order; a task not in `weights` has
+    weight 1 and its loss enters unmultiplied (without --task-weights: the plain sum, bitwise)."""
+    return sum(losses[t] * weights[t] if t in weights else losses[t] for t in losses)
 
 
 @dataclass
@@ -95,13 +106,15 @@ def combines_gradients(combiner: MultiTaskBackward) -> bool:
 
 
 def backward(run: Run, losses: dict[str, torch.Tensor]):
-    """Fill the parameters' .grad from the task losses: their sum, or the combiner's result
-    (PCGrad and the gradient methods combine the per-task gradients; the loss-weighting
-    methods weight the losses, then one backward). Returns the combiner's statistics (or None)."""
+    """Fill the parameters' .grad from the task losses: their sum (with --task-weights, the
+    weighted sum), or the combiner's result (PCGrad and the gradient methods combine the
+    per-task gradients; the loss-weighting methods weight the losses, then one backward). A
+    step that drew a single task is summed, except by a method that weighs every step
+    (scalefree). Returns the combiner's statistics (or None)."""
     run.optimizer.zero_grad(set_to_none=True)
     combiner = run.combiner
     # [ddp] combine or not: decided by the step's tasks, the same on every rank (a rank may lack a slice)
-    if combiner is not None and len(drawn_tasks(run)) > 1:
+    if combiner is not None and (len(drawn_tasks(run)) > 1 or combiner.method.weighs_every_step):
         per_task = [losses.get(t) for t in run.cfg.tasks]  # None: no batch of the task this step
         if not combines_gradients(combiner):
             total, stats = combiner.weighted_loss(per_task)  # weights of the unscaled losses
@@ -110,7 +123,7 @@ def backward(run: Run, losses: dict[str, torch.Tensor]):
             return stats
         return combiner.backward([run.scaler.scale(loss) if loss is not None else None for loss in per_task])
     if losses:  # [ddp] a rank without any example this step adds zeros to the sum over ranks
-        run.scaler.scale(sum(losses.values())).backward()
+        run.scaler.scale(weighted_sum(losses, run.cfg.task_weights)).backward()
     return None
 
 

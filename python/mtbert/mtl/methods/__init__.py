@@ -6,7 +6,8 @@ Gradient methods (per-task gradients, weights from the Gram matrix): ``pcgrad`` 
 (Aligned-MTL, Senushkin et al. 2023), ``upgrad`` (UPGrad, Quinton & Rey 2024), ``fairgrad``
 (Ban & Ji 2024). Loss weighting (no per-task gradients needed): ``uw`` (Kendall et al. 2018),
 ``dwa`` (Liu et al. 2019), ``rlw`` (Lin et al. 2021), ``famo`` (Liu et al. 2023); and the
-baselines ``sum`` and ``mean``.
+baselines ``sum``, ``mean`` and ``scalefree`` (each loss divided by a running estimate of
+its own scale).
 
 Where we deliberately differ from LibMTL (pinned in tests/test_aggregation.py): MGDA is
 solved exactly (LibMTL: 250 Frank-Wolfe steps; for T = 2 it clips the weight to
@@ -33,12 +34,13 @@ from .mgda import MGDA
 from .nash import NashMTL
 from .pcgrad import PCGradMethod
 from .rlw import RLW
+from .scalefree import ScaleFree
 from .upgrad import UPGrad
 from .uw import UW
 
 _CLASSES: dict[str, type[Method]] = {
     cls.name: cls for cls in (Sum, Mean, PCGradMethod, MGDA, CAGrad, GradVac, IMTL, NashMTL, AlignedMTL,
-                              UPGrad, FairGrad, UW, DWA, RLW, FAMO)
+                              UPGrad, FairGrad, UW, DWA, RLW, FAMO, ScaleFree)
 }
 # The one list of methods: --combine's choices come from here.
 METHODS = tuple(_CLASSES)
@@ -62,4 +64,4 @@ def make_method(name: str, **options) -> Method:
 
 __all__ = ["METHODS", "GRADIENT_METHODS", "LOSS_METHODS", "DEFAULT_OPTIONS", "Method", "OrderedMethod", "Param",
            "make_method", "method_class", "Sum", "Mean", "PCGradMethod", "MGDA", "CAGrad", "GradVac", "IMTL",
-           "NashMTL", "AlignedMTL", "UPGrad", "FairGrad", "UW", "DWA", "RLW", "FAMO"]
+           "NashMTL", "AlignedMTL", "UPGrad", "FairGrad", "UW", "DWA", "RLW", "FAMO", "ScaleFree"]

@@ -56,6 +56,9 @@ class Method:
 
     name: ClassVar[str] = ""
     gradient_based: ClassVar[bool] = False
+    # loss weighting that must see every step's losses, also a step that drew a single task
+    # (training runs the method then too; the others leave such a step to the plain sum)
+    weighs_every_step: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
 
     def __init__(self, **options):
