@@ -224,9 +224,9 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_m
     assert not any(p.name.startswith(".last.tmp") for p in Path(two.out).iterdir())
 
 
-@pytest.mark.parametrize("combine", ["uw", "dwa", "famo"])
+@pytest.mark.parametrize("combine", ["uw", "dwa", "famo", "scalefree"])
 def test_loss_weighting_weighs_the_global_losses_under_torchrun(tmp_path, no_dropout_model_dir, data_dir, combine):
-    """UW, DWA and FAMO reduce the T task losses over the ranks (not the (T, P) buffer): every rank
+    """UW, DWA, FAMO and the scale-free sum reduce the T task losses over the ranks (not the (T, P) buffer): every rank
     holds bitwise-identical weights, equal to one process with twice the batch. DWA's period
     is one step here, so its weights move; UW's log-variances get the sum of the ranks'
     gradients, their data-free terms counted once."""
