@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ..checkpoint.format import load_checkpoint
 from ..config import TrainConfig
@@ -12,10 +13,11 @@ from ..evaluation.inference import predict_files
 from ..files import write_json
 from . import distributed
 from .distributed import say
+from .provenance import Provenance
 from .run import RunData
 
 def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: str, best_step,
-               data: RunData) -> dict:
+               data: RunData, *, provenance: Optional[Provenance] = None, steps: Optional[int] = None) -> dict:
     if not distributed.is_main():  # [ddp] rank 0 alone evaluates the best checkpoint and writes files
         return {}
     model, meta, tokenizer = load_checkpoint(out / "best", device=device)
@@ -32,7 +34,12 @@ def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: s
     train_metrics, _ = evaluate_tasks(model, {t: d.head(1000) for t, d in data.train.items()},
                                       device=device, batch_size=cfg.eval_batch_size, precision=precision)
     summary = {"best_step": best_step, "dev": metrics, "train": train_metrics, **scores,
-               "malformed_rows_skipped": data.bad_rows, "truncated": data.truncated}
+               "malformed_rows_skipped": data.bad_rows, "truncated": data.truncated,
+               # the resolved configuration, and what produced the run and what it cost (the
+               # wall time runs to here: the final evaluation and prediction files included)
+               "config": cfg.to_dict()}
+    if provenance is not None:
+        summary["provenance"] = provenance.record(cfg.to_dict(), steps)
     write_json(out / "summary.json", summary)
     table = format_table(metrics)
     (out / "summary.md").write_text(f"# mtbert run summary\n\nbest step {best_step}, "
