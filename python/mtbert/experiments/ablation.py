@@ -20,6 +20,7 @@ from ..evaluation.plots import plot_ablation
 from ..data.tasks import get_task
 from ..config import TrainConfig
 from ..training import train
+from .compare import compare_runs, write_report
 
 _BASE_HEADS = {"dropout_sst": 0.3, "dropout_para": 0.3, "dropout_sts": 0.3}
 _FINAL = {"combine": "pcgrad"}  # the default heads are the published final architecture
@@ -80,7 +81,9 @@ def headline(metrics: dict) -> dict[str, float]:
 
 def run_grid(base: TrainConfig, *, grid: str = "seed", seeds: int = 3, budget: float = 1.0,
              out: Path, only: Optional[list[str]] = None) -> list[dict]:
-    """Run every configuration of `grid` for `seeds` seeds; write ablation.md and ablation.png."""
+    """Run every configuration of `grid` for `seeds` seeds; write ablation.md and ablation.png,
+    and the paired comparison of every configuration with the sum of losses (compare.md,
+    compare.json, compare.png; see compare.py)."""
     if grid not in GRIDS:
         raise ValueError(f"unknown grid {grid!r}; grids: {', '.join(GRIDS)}")
     if seeds < 1:
@@ -95,6 +98,7 @@ def run_grid(base: TrainConfig, *, grid: str = "seed", seeds: int = 3, budget: f
     base = replace(base, progress=False)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(name, o, base.seed + s) for name, o in configs for s in range(seeds)]
+    folders = {out / "runs" / f"{slug(name)}-seed{seed}": name for name, _, seed in jobs}
     results: dict[str, list[dict]] = {name: [] for name, _ in configs}
     with tqdm(total=len(jobs), desc="ablation", unit="run") as bar:
         for name, overrides, seed in jobs:
@@ -122,6 +126,8 @@ def run_grid(base: TrainConfig, *, grid: str = "seed", seeds: int = 3, budget: f
         rows.append(row)
     write_table(rows, out / "ablation.md", base, seeds, budget)
     plot_ablation(rows, out / "ablation.png")
+    report = compare_runs(list(folders), data_dir=base.data_dir, names=folders)
+    write_report(report, out, title=f"Ablation grid {grid!r}: each configuration against {report['baseline']}")
     return rows
 
 
