@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 from click.testing import CliRunner
 
 from mtbert.cli import compare_cmd
@@ -142,8 +143,9 @@ def test_statistics_match_direct_computations(tmp_path, toy):
         boot_diffs[task] = diffs
         assert row["boot_point"] == pytest.approx(np.mean(per_seed), abs=1e-6)  # files keep 6 decimals
         assert (row["boot_lo"], row["boot_hi"]) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])))
-        tail = min((diffs <= 0).sum(), (diffs >= 0).sum())
-        assert row["boot_p"] == pytest.approx(min(1, 2 * (tail + 1) / 501)) and row["test"] == "bootstrap"
+        z = np.mean(per_seed) / np.std(diffs, ddof=1)
+        assert row["boot_p"] == pytest.approx(2 * (1 - scipy_stats.norm.cdf(abs(z))), rel=1e-3, abs=1e-12)
+        assert row["test"] == "bootstrap"
     overall = rows[("B", "overall")]
     both = (boot_diffs["toy_cls"] + 0.5 * boot_diffs["toy_reg"]) / 2  # overall = mean(acc, (r + 1) / 2)
     assert (overall["boot_lo"], overall["boot_hi"]) == pytest.approx(tuple(np.percentile(both, [2.5, 97.5])))

@@ -322,7 +322,7 @@ def compare_runs(folders: Sequence[Path], *, baseline: Optional[str] = None, dat
                     metric = get_task(task).headline_metric
                     point, diffs = stats.paired_bootstrap_diffs(metric, labels, pa, pb, resamples, boot_seed + k)
                     row["boot_lo"], row["boot_hi"] = stats.percentile_interval(diffs)
-                    row.update(boot_point=point, boot_p=stats.bootstrap_p(diffs), predictions=True)
+                    row.update(boot_point=point, boot_p=stats.bootstrap_p(point, diffs), predictions=True)
                     boot_overall.append((_overall_weight(task), diffs, point))
             group_rows.append(row)
         if group_rows:
@@ -350,8 +350,8 @@ def _overall_row(group, base, units, flags, task_rows, boot_overall) -> dict:
     if boot_overall and len(boot_overall) == len(task_rows):  # every task bootstrapped
         diffs = np.mean([w * d for w, d, _ in boot_overall], axis=0)
         row["boot_lo"], row["boot_hi"] = stats.percentile_interval(diffs)
-        row.update(boot_point=float(np.mean([w * p for w, _, p in boot_overall])),
-                   boot_p=stats.bootstrap_p(diffs), predictions=True)
+        point = float(np.mean([w * p for w, _, p in boot_overall]))
+        row.update(boot_point=point, boot_p=stats.bootstrap_p(point, diffs), predictions=True)
     return row
 
 
