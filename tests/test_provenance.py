@@ -53,6 +53,19 @@ def test_a_tiny_run_records_its_provenance_and_a_resume_adds_up_wall_time(tmp_pa
     assert again["wall_seconds"] > first_wall
 
 
+def test_a_resume_from_a_checkpoint_without_provenance_says_the_earlier_part_is_unknown():
+    clock = provenance.Provenance(torch.device("cpu"))
+    clock.resumed_from(None)
+    rec = clock.record({}, 7)
+    assert rec["parts"] == 2 and rec["wall_seconds"] is None and rec["examples_seen"] is None
+    clock = provenance.Provenance(torch.device("cpu"), started=0.0)
+    clock.resumed_from({"wall_seconds": 5.0, "parts": 2, "examples_seen": 30,
+                        "peak_memory": {"cpu_max_rss_bytes": 2**60, "cuda_max_allocated_bytes": None}})
+    rec = clock.record({}, 9)
+    assert rec["parts"] == 3 and rec["examples_seen"] == 30 and rec["wall_seconds"] > 5.0
+    assert rec["peak_memory"]["cpu_max_rss_bytes"] == 2**60  # the largest of the parts
+
+
 def test_no_failure_outside_git(monkeypatch):
     monkeypatch.setattr(provenance, "_PACKAGE_DIR", Path("/"))
     provenance.code_version.cache_clear()

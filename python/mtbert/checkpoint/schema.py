@@ -175,7 +175,7 @@ def state_schema() -> Check:
     # what produced the run and what it cost so far (training/provenance.py); a resume reads
     # the wall time, parts, peak memory and examples seen back, the rest is a record
     provenance = obj({}, {"wall_seconds": nullable(number(0.0)), "parts": integer(1),
-                          "examples_seen": integer(0), "steps": nullable(integer(0)),
+                          "examples_seen": nullable(integer(0)), "steps": nullable(integer(0)),
                           "peak_memory": dict_of(nullable(integer(0))), "code": dict_of(anything),
                           "machine": dict_of(anything), "versions": dict_of(anything),
                           "config": dict_of(anything)})

@@ -127,25 +127,29 @@ class Provenance:
     parts: int = 1
     peak_before: dict = field(default_factory=dict)
     examples_seen: int = 0  # training examples drawn (global batches: all ranks together)
+    earlier_unknown: bool = False  # resumed from a checkpoint written before provenance
 
     def resumed_from(self, saved: Optional[dict]) -> None:
         """Continue the record a resume checkpoint holds (older checkpoints hold none: their
         earlier wall time, memory and examples are unknown, and `parts` says so)."""
         if not saved:
-            self.parts = 2
-            self.wall_before = float("nan")
+            self.parts, self.earlier_unknown = 2, True
             return
-        self.wall_before = float(saved.get("wall_seconds") or 0.0)
         self.parts = int(saved.get("parts", 1)) + 1
         self.peak_before = dict(saved.get("peak_memory") or {})
-        self.examples_seen = int(saved.get("examples_seen", 0))
+        if saved.get("wall_seconds") is None or saved.get("examples_seen") is None:
+            self.earlier_unknown = True  # it continued a run from before provenance itself
+            return
+        self.wall_before = float(saved["wall_seconds"])
+        self.examples_seen = int(saved["examples_seen"])
 
     def record(self, cfg_dict: dict, step: int) -> dict:
         """Everything about the run so far (JSON-ready)."""
         now = peak_memory(self.device)
         peak = {k: _max(now.get(k), self.peak_before.get(k)) for k in now}
-        wall = self.wall_before + (time.time() - self.started)
+        wall = round(self.wall_before + (time.time() - self.started), 3)
+        unknown = self.earlier_unknown  # an earlier part's time and examples were not recorded
         return {"code": code_version(), "machine": machine(self.device), "versions": versions(),
-                "config": cfg_dict, "device": str(self.device),
-                "wall_seconds": None if wall != wall else round(wall, 3),  # NaN: an earlier part unknown
-                "parts": self.parts, "peak_memory": peak, "steps": step, "examples_seen": self.examples_seen}
+                "config": cfg_dict, "device": str(self.device), "wall_seconds": None if unknown else wall,
+                "parts": self.parts, "peak_memory": peak, "steps": step,
+                "examples_seen": None if unknown else self.examples_seen}
