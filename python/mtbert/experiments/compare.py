@@ -413,8 +413,8 @@ def _group_summary(group: Group, is_base: bool) -> dict:
             "peak_memory_bytes": _mean_of([_peak(p) for p in provs]),
             "peak_memory_kind": ("GPU" if any(((p.get("peak_memory") or {}).get("cuda_max_allocated_bytes"))
                                              for p in provs) else "CPU RSS"),
-            "dev_mean": {t: float(np.mean(v)) for t in dict.fromkeys(t for r in group.runs for t in r.dev)
-                         for v in [[r.dev[t] for r in group.runs if t in r.dev]]},
+            "dev_mean": {t: float(np.mean([r.dev[t] for r in group.runs if t in r.dev]))
+                         for t in dict.fromkeys(t for r in group.runs for t in r.dev)},
             "config": group.config}
 
 
