@@ -129,7 +129,7 @@ def cli_flags() -> set[str]:
     from mtbert import cli
 
     flags: set[str] = set()
-    for name in ("train_cmd", "eval_cmd", "predict_cmd", "ablate_cmd", "export_cmd"):
+    for name in ("train_cmd", "eval_cmd", "predict_cmd", "ablate_cmd", "compare_cmd", "export_cmd"):
         command = getattr(cli, name)
         # get_params adds the help option (--help) to the declared params.
         for param in command.get_params(click.Context(command)):

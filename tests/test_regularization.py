@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,14 @@ def test_ablation_runner_on_a_tiny_budget(tmp_path, tiny_model_dir, data_dir):
         assert f"| {name} |" in table
     png = (tmp_path / "ablation" / "ablation.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+    # the paired comparison of every configuration with the sum of losses (mtbert-compare)
+    compare = json.loads((tmp_path / "ablation" / "compare.json").read_text())
+    assert compare["baseline"] == "sum of losses"
+    assert [c["name"] for c in compare["configurations"]] == [name for name, _ in SEED_GRID]
+    assert {r["comparison"] for r in compare["comparisons"]} == {f"{name} vs sum of losses"
+                                                                 for name, _ in SEED_GRID[1:]}
+    assert all(r["n"] == 2 and r["test"] in ("t over seeds", None) for r in compare["comparisons"])  # no predictions
+    assert "| sum of losses (baseline) |" in (tmp_path / "ablation" / "compare.md").read_text()
     # A second call reruns nothing: every run folder already has its summary.
     stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "ablation" / "runs").glob("*/summary.json")}
     assert len(stamp) == 2 * len(SEED_GRID)

@@ -149,16 +149,38 @@ def test_paired_and_bootstrap_numbers_match_a_direct_computation(study, design, 
     got = [float(x) for x in re.findall(r"[+-]\d\.\d+", cells[6])]
     assert got == pytest.approx([lo, hi], abs=6e-5)
     expected = "no detectable difference" if lo <= 0 <= hi else ("higher (PCGrad)" if lo > 0 else "lower (PCGrad)")
-    assert cells[7] == expected
+    assert cells[8] == expected  # uncorrected: the interval alone
 
 
 def test_a_large_gain_is_called_one_and_the_grid_shows_mean_and_std(study):
     # SST accuracy 0.9 against 0.3 on 60 examples: far outside any resampling noise.
-    assert comparison_row(study["out"], "PCGrad", "sum of losses", "sst")[7] == "higher (PCGrad)"
+    cells = comparison_row(study["out"], "PCGrad", "sum of losses", "sst")
+    assert cells[8] == cells[10] == "higher (PCGrad)"  # before and after the Holm correction
     row = next(line for line in (study["out"] / "grid.md").read_text().splitlines()
                if line.startswith("| PCGrad |"))
     vals = [study["summaries"]["PCGrad", s]["dev"]["sst"]["accuracy"] for s in SEEDS]
     assert f"{np.mean(vals):.3f} +- {np.std(vals, ddof=1):.3f}" in row.split("|")[3]
+
+
+def test_holm_correction_over_every_comparison_by_hand(study, design):
+    rows = [[c.strip() for c in line.strip("|").split("|")]
+            for line in (study["out"] / "comparisons.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| X ")]
+    p = [float(r[7]) for r in rows]
+    m = len(p)
+    assert f"family of the {m} comparisons" in (study["out"] / "comparisons.md").read_text()
+    order = sorted(range(m), key=lambda i: p[i])
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    assert [float(r[9]) for r in rows] == pytest.approx(adjusted, abs=1e-4)
+    for r, adj in zip(rows, adjusted):
+        if adj > design.alpha + 1e-4:
+            assert r[10] == "no detectable difference"
+        elif adj < design.alpha - 1e-4:
+            mean = float(r[4].split(" ")[0])
+            assert r[10] == (f"higher ({r[0]})" if mean > 0 else f"lower ({r[0]})")
 
 
 def test_compact_copy_holds_aligned_predictions_and_telemetry(study):
@@ -221,7 +243,7 @@ def test_a_second_machine_adds_runs_and_seeds_pair_only_within_a_machine(study, 
     assert cells[4] == f"{diff:+.4f} ({diff:+.3f} 2-core CPU 1)"
     # Each method is compared with the family's plain sum; a large SST gain is called one.
     cells = comparison_row(out, "method: mgda", "method: sum", "sst")
-    assert cells[3] == "1" and cells[7] == "higher (method: mgda)"
+    assert cells[3] == "1" and cells[10] == "higher (method: mgda)"
     assert "## The method family" in (out / "grid.md").read_text()
     assert (out / "methods.png").stat().st_size > 0
     # The targets table reads the embedded default on the 2-core machine: 2 seeds, said to be short of 3.

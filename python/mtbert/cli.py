@@ -1,4 +1,5 @@
-"""Command-line entry points: mtbert-train, mtbert-eval, mtbert-predict, mtbert-ablate, mtbert-export."""
+"""Command-line entry points: mtbert-train, mtbert-eval, mtbert-predict, mtbert-ablate, mtbert-compare,
+mtbert-export."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from .experiments.ablation import GRIDS, run_grid
+from .experiments.compare import CompareError, compare_runs, to_markdown, write_report
 from .errors import (CheckpointError, CheckpointWriteError, DataDirError, DataFormatError, DistributedError,
                      ModelFolderError, NonFiniteError, RunFolderError)
 from .files import write_json
@@ -330,7 +332,8 @@ def ablate_cmd(ctx: click.Context, grid, seeds, budget, only, lrs, preset, confi
         rows = run_grid(base, grid=grid, seeds=seeds, budget=budget, out=Path(base.out), only=names, lrs=swept)
     except (DataDirError, DataFormatError, ModelFolderError, ValueError) as exc:
         _fail(exc)
-    click.echo(f"wrote {Path(base.out) / 'ablation.md'} and ablation.png ({len(rows)} configurations)")
+    click.echo(f"wrote {Path(base.out) / 'ablation.md'}, ablation.png and the paired comparison compare.md "
+               f"({len(rows)} configurations)")
     if (Path(base.out) / "front.png").is_file() and grid in ("weights", "methods"):
         click.echo(f"wrote {Path(base.out) / 'front.png'} (the weighted sums' trade-off front)")
 
@@ -352,6 +355,38 @@ def _parse_lrs(text: str) -> list[float]:
     if not values:
         raise click.BadParameter("give at least one learning rate", param_hint="--lrs")
     return values
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(file_okay=False), metavar="RUN_DIR...")
+@click.option("--baseline", default=None,
+              help="The configuration the others are compared with: KEY=VALUE[,KEY=VALUE] matching one "
+                   "configuration (e.g. combine=sum), or one of the run folders (default: the configuration "
+                   "with combine=sum, else the first).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write compare.md, compare.json and compare.png here (default: print the Markdown only).")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="Data directory of the built-in tasks' gold dev labels (default: as mtbert-train finds it).")
+@click.option("--alpha", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True), default=0.05,
+              show_default=True, help="Family-wise error rate of the Holm-Bonferroni correction.")
+@click.option("--resamples", type=click.IntRange(min=100, max=100000), default=2000, show_default=True,
+              help="Bootstrap resamples of the dev examples.")
+def compare_cmd(run_dirs, baseline, out, data_dir, alpha, resamples):
+    """Compare finished runs: configurations against a baseline, per task and overall, paired by
+    machine and seed, with a Holm-Bonferroni correction over the whole report.
+
+    RUN_DIR is a run's --out folder, or a folder of run folders (an mtbert-ablate grid).
+    """
+    try:
+        report = compare_runs([Path(d) for d in run_dirs], baseline=baseline, data_dir=data_dir, alpha=alpha,
+                              resamples=resamples)
+    except CompareError as exc:
+        _fail(exc)
+    if out is None:
+        click.echo(to_markdown(report), nl=False)
+        return
+    for path in write_report(report, Path(out)):
+        click.echo(f"wrote {path}")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -172,6 +172,13 @@ def meta_schema() -> Check:
 def state_schema() -> Check:
     group = obj({"lr": number(0.0), "params": list_of(integer(0))})
     window = obj({"examples": integer(0), "loss": dict_of(list_of(number(finite=False)))})
+    # what produced the run and what it cost so far (training/provenance.py); a resume reads
+    # the wall time, parts, peak memory and examples seen back, the rest is a record
+    provenance = obj({}, {"wall_seconds": nullable(number(0.0)), "parts": integer(1),
+                          "examples_seen": nullable(integer(0)), "steps": nullable(integer(0)),
+                          "peak_memory": dict_of(nullable(integer(0))), "code": dict_of(anything),
+                          "machine": dict_of(anything), "versions": dict_of(anything),
+                          "config": dict_of(anything)})
     return obj({"step": integer(0), "best_score": number(finite=False),
                 "best_step": nullable(integer(0)),
                 "samplers": dict_of(obj({"epoch": integer(0), "position": integer(0)})),
@@ -180,7 +187,7 @@ def state_schema() -> Check:
                # the --combine method's own state ("pcgrad" in checkpoints from before the
                # method family); each method checks its contents when it loads them
                {"aggregation": nullable(dict_of(anything)), "pcgrad": nullable(dict_of(anything)),
-                "log_window": window})
+                "log_window": window, "provenance": provenance})
 
 
 def _rebuild_configs(meta: dict) -> None:

@@ -21,6 +21,7 @@ from ..files import write_json
 from ..data.tasks import get_task
 from ..config import TrainConfig
 from ..training import train
+from .compare import compare_runs, write_report
 
 _BASE_HEADS = {"dropout_sst": 0.3, "dropout_para": 0.3, "dropout_sts": 0.3}
 _FINAL = {"combine": "pcgrad"}  # the default heads are the published final architecture
@@ -141,7 +142,9 @@ def headline(metrics: dict) -> dict[str, float]:
 def run_grid(base: TrainConfig, *, grid: str = "seed", seeds: int = 3, budget: float = 1.0,
              out: Path, only: Optional[list[str]] = None, lrs: Optional[list[float]] = None) -> list[dict]:
     """Run every configuration of `grid` for `seeds` seeds; write ablation.md, ablation.png
-    and ablation-GRID.json (the rows), and front.png when the weights grid's rows are there.
+    ablation-GRID.json (the rows), front.png when the weights grid's rows are there,
+    and the paired comparison of every configuration with the sum of losses (compare.md,
+    compare.json, compare.png; see compare.py).
 
     With `lrs`, every configuration runs at each lr; the lr whose best checkpoints have the
     highest held-out score (base.holdout training rows per task, never trained on; mean over
@@ -170,9 +173,11 @@ def run_grid(base: TrainConfig, *, grid: str = "seed", seeds: int = 3, budget: f
     sweep = lrs if lrs is not None else [None]
     jobs = [(name, o, lr, base.seed + s) for name, o in configs for lr in sweep for s in range(seeds)]
     results: dict[tuple[str, Optional[float]], list[dict]] = {(name, lr): [] for name, _ in configs for lr in sweep}
+    folders = {}  # run folder -> the configuration's name in the comparison
     with tqdm(total=len(jobs), desc="ablation", unit="run") as bar:
         for name, overrides, lr, seed in jobs:
             run_dir = out / "runs" / (f"{slug(name)}-seed{seed}" if lr is None else f"{slug(name)}-lr{lr:g}-seed{seed}")
+            folders[run_dir] = name if lr is None else f"{name} (lr {lr:g})"
             summary_path = run_dir / "summary.json"
             if not summary_path.is_file():  # finished runs are kept, not rerun
                 bar.set_postfix_str(f"{name} seed {seed}" + ("" if lr is None else f" lr {lr:g}"))
@@ -198,6 +203,8 @@ def run_grid(base: TrainConfig, *, grid: str = "seed", seeds: int = 3, budget: f
                 "tasks": list(base.tasks)}
     write_json(out / f"ablation-{grid}.json", {"grid": grid, "settings": settings, "rows": rows})
     draw_front(out)
+    report = compare_runs(list(folders), data_dir=base.data_dir, names=folders)
+    write_report(report, out, title=f"Ablation grid {grid!r}: each configuration against {report['baseline']}")
     return rows
 
 

@@ -72,6 +72,7 @@ class Design:
     published: dict[str, dict]  # published row -> {changes, train, dev}
     text: dict[str, str]
     findings: dict
+    alpha: float = 0.05  # Holm-Bonferroni over every comparison of comparisons.md
 
     @property
     def parent(self) -> dict[str, str]:
@@ -124,6 +125,7 @@ def load_design(path: Path) -> Design:
               f"published row {row!r}: unknown row it changes")
     design = Design(
         resamples=raw["bootstrap"]["resamples"], boot_seed=raw["bootstrap"]["seed"],
+        alpha=raw["bootstrap"].get("alpha", 0.05),
         bin_steps=raw["telemetry"]["bin_steps"],
         machines={k: Machine(m["name"], m["description"], tuple(m["log"])) for k, m in raw["machines"].items()},
         grid_folder=raw["grid"]["folder"], grid=grid, methods=raw["methods"],
@@ -290,15 +292,25 @@ def comparisons_md(study: Study, results: list[tuple]) -> str:
              "computes the metric of X and of Y on it for every common seed, and averages the per-seed "
              "differences. It measures the noise of the finite dev set for these trained models, not the noise "
              "of training (seeds), which the per-seed differences show.",
-             "- **verdict**: 'no detectable difference' unless the bootstrap interval excludes 0. "
-             "'seeds agree' says whether every per-seed difference has the same sign.", "",
-             "| X | Y | task | n | mean diff (per seed) | paired t 95% over seeds | bootstrap 95% over dev | verdict | seeds agree |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "- **p**: the bootstrap's two-sided p-value from its standard error: z = mean diff / (standard "
+             "deviation of the resampled differences), p = 2 (1 - Phi(|z|)). **Holm p**: the same after the "
+             f"Holm-Bonferroni correction over the whole family of the {len(results)} comparisons in this table "
+             f"(alpha = {study.design.alpha}): with m p-values sorted ascending, the i-th becomes the running "
+             "maximum of min(1, (m - i + 1) p). It keeps the chance of any false 'higher' or 'lower' in the table "
+             f"at most {study.design.alpha}.",
+             "- **uncorrected**: 'no detectable difference' unless the bootstrap interval excludes 0, one "
+             f"comparison alone. **verdict**: the same question after the correction (Holm p <= "
+             f"{study.design.alpha}); the README's findings use this one. 'seeds agree' says whether every "
+             "per-seed difference has the same sign.", "",
+             "| X | Y | task | n | mean diff (per seed) | paired t 95% over seeds | bootstrap 95% over dev | p | "
+             "uncorrected | Holm p | verdict | seeds agree |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a, b, task, why, res in results:
         t_ci = "-" if res["t_lo"] is None else f"[{res['t_lo']:+.3f}, {res['t_hi']:+.3f}]"
         per = ", ".join(f"{d:+.3f} {unit_name(study, u)}" for d, u in zip(res["per_seed"], res["seeds"]))
         lines.append(f"| {a} | {b} | {task} | {res['n']} | {res['mean']:+.4f} ({per}) | {t_ci} | "
-                     f"[{res['boot_lo']:+.4f}, {res['boot_hi']:+.4f}] | {res['verdict']} | "
+                     f"[{res['boot_lo']:+.4f}, {res['boot_hi']:+.4f}] | {res['boot_p']:.4f} | "
+                     f"{res['verdict_uncorrected']} | {res['p_holm']:.4f} | {res['verdict']} | "
                      f"{'yes' if res['seeds_agree'] else 'no'} |")
     return "\n".join(lines) + "\n"
 
@@ -413,12 +425,21 @@ def published_change(study: Study, grid_row: str, task: str) -> Optional[tuple[f
     return d, child, parent
 
 
+def _held(verdict: str, published_diff: float) -> str:
+    """Whether our verdict confirms a published change: held, not detectable here, opposite."""
+    if verdict == stats.NO_DIFFERENCE:
+        return "not detectable here"
+    return "held" if verdict.startswith("higher") == (published_diff > 0) else "opposite"
+
+
 def claims_section(study: Study, results: list[tuple]) -> list[str]:
     """Each published change (child vs parent row) beside our verdict for the matching rows."""
     by = {(a, b, t): res for a, b, t, _, res in results}
-    lines = ["| change (ours) | task | published diff | our mean diff | bootstrap 95% | our verdict | held? |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| change (ours) | task | published diff | our mean diff | bootstrap 95% | uncorrected | "
+             "Holm p | our verdict (Holm) | held? |",
+             "|---|---|---|---|---|---|---|---|---|"]
     tally = {"held": 0, "not detectable here": 0, "opposite": 0}
+    held_uncorrected = 0
     for child, parent in study.design.parent.items():
         for t in TASKS:
             res = by.get((child, parent, t))
@@ -432,19 +453,19 @@ def claims_section(study: Study, results: list[tuple]) -> list[str]:
                 pub_cell = f"{pd:+.3f} ({pub_parent} -> {pub_child})"
                 if abs(pd) < 0.01:
                     held = "published change < 0.01: no claim"
-                elif res["verdict"] == stats.NO_DIFFERENCE:
-                    held = "not detectable here"
-                elif (res["boot_lo"] > 0) == (pd > 0):
-                    held = "held"
                 else:
-                    held = "opposite"
+                    held = _held(res["verdict"], pd)
+                    held_uncorrected += _held(res["verdict_uncorrected"], pd) == "held"
                 if held in tally:
                     tally[held] += 1
             lines.append(f"| {child} vs {parent} | {t} | {pub_cell} | {res['mean']:+.4f} | "
-                         f"[{res['boot_lo']:+.4f}, {res['boot_hi']:+.4f}] | {res['verdict']} | {held} |")
-    lines += ["", f"Of the published effects of at least 0.01: {tally['held']} held here (same direction, "
-              f"bootstrap interval excludes 0), {tally['not detectable here']} were not detectable, "
-              f"{tally['opposite']} went the opposite way."]
+                         f"[{res['boot_lo']:+.4f}, {res['boot_hi']:+.4f}] | {res['verdict_uncorrected']} | "
+                         f"{res['p_holm']:.4f} | {res['verdict']} | {held} |")
+    lines += ["", f"Of the published effects of at least 0.01: {tally['held']} held here after the Holm-Bonferroni "
+              f"correction over all {len(results)} comparisons (same direction, Holm p <= {study.design.alpha}), "
+              f"{tally['not detectable here']} were not detectable, {tally['opposite']} went the opposite way. "
+              f"Without the correction (the bootstrap interval of each comparison alone excludes 0), "
+              f"{held_uncorrected} held."]
     return lines
 
 
@@ -596,16 +617,13 @@ def summary_lines(study: Study, results) -> list[str]:
             if abs(pd) < 0.01:
                 continue
             tag = f"{a} on {t} (published {pd:+.3f}, ours {res['mean']:+.3f})"
-            if res["verdict"] == stats.NO_DIFFERENCE:
-                undetected.append(tag)
-            elif (res["boot_lo"] > 0) == (pd > 0):
-                held.append(tag)
-            else:
-                opposite.append(tag)
+            {"held": held, "opposite": opposite, "not detectable here": undetected}[_held(res["verdict"], pd)].append(tag)
     if held or opposite or undetected:
         out.append(f"Of the study's {len(held) + len(opposite) + len(undetected)} published changes of at least "
                    f"0.01 (row against the row it changes, per task), {len(held)} held here: "
-                   + ("; ".join(held) if held else "none") + f". {len(opposite)} went the opposite way"
+                   + ("; ".join(held) if held else "none")
+                   + f" (after the Holm-Bonferroni correction over all {len(results)} comparisons, alpha "
+                   f"{study.design.alpha}). {len(opposite)} went the opposite way"
                    + (": " + "; ".join(opposite) if opposite else "") + f". The other {len(undetected)} "
                    "were not detectable at our budget and seed count (table below).")
     return out
@@ -693,7 +711,8 @@ def readme(study: Study, results, out: Path) -> str:
         "",
         *[f"- {line}" for line in summary_lines(study, results)],
         "",
-        "Change by change (ours: the effects whose bootstrap interval excludes 0, with that interval; "
+        "Change by change (ours: the effects with a verdict after the Holm-Bonferroni correction over all "
+        f"{len(results)} comparisons of comparisons.md, alpha {design.alpha}, with their bootstrap interval; "
         "published: the dev difference of the matching published rows):",
         "",
         *found_lines(study, results),
@@ -712,6 +731,17 @@ def readme(study: Study, results, out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def correct(results: list[tuple], alpha: float) -> None:
+    """Holm-Bonferroni over the bootstrap p-values of every comparison of the report: each
+    result's `verdict` becomes the corrected one (its interval-based verdict is kept as
+    `verdict_uncorrected`), with its adjusted p-value `p_holm`."""
+    adjusted = stats.holm([res["boot_p"] for *_, res in results])
+    for (a, _, _, _, res), p in zip(results, adjusted):
+        res["verdict_uncorrected"] = res["verdict"]
+        res["p_holm"] = p
+        res["verdict"] = stats.holm_verdict(p, res["boot_point"], alpha, a)
+
+
 def write_report(study: Study, out: Path) -> None:
     """grid.md, comparisons.md, grid.png, methods.png, conflicts.png and README.md in `out`."""
     results = []
@@ -720,6 +750,7 @@ def write_report(study: Study, out: Path) -> None:
             res = compare(study, a, b, t)
             if res is not None:
                 results.append((a, b, t, why, res))
+    correct(results, study.design.alpha)
     (out / "grid.md").write_text(grid_md(study), encoding="utf-8")
     (out / "comparisons.md").write_text(comparisons_md(study, results), encoding="utf-8")
     plot_grid(study, out / "grid.png", title=study.design.text["grid_plot"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 from ..checkpoint.format import load_checkpoint
 from ..config import TrainConfig
@@ -12,10 +13,11 @@ from ..evaluation.inference import predict_files
 from ..files import write_json
 from . import distributed
 from .distributed import say
+from .provenance import Provenance
 from .run import RunData
 
 def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: str, best_step,
-               data: RunData) -> dict:
+               data: RunData, *, provenance: Optional[Provenance] = None, steps: Optional[int] = None) -> dict:
     if not distributed.is_main():  # [ddp] rank 0 alone evaluates the best checkpoint and writes files
         return {}
     model, meta, tokenizer = load_checkpoint(out / "best", device=device)
@@ -33,12 +35,17 @@ def finish_run(out: Path, cfg: TrainConfig, data_dir: Path, device, precision: s
                                       device=device, batch_size=cfg.eval_batch_size, precision=precision)
     summary = {"best_step": best_step, "dev": metrics, "train": train_metrics, **scores,
                "malformed_rows_skipped": data.bad_rows, "truncated": data.truncated,
-               "selected_on": "holdout" if data.holdout else "dev"}
+               "selected_on": "holdout" if data.holdout else "dev",
+               # the resolved configuration, and what produced the run and what it cost (the
+               # wall time runs to here: the final evaluation and prediction files included)
+               "config": cfg.to_dict()}
     if data.holdout:  # --holdout: what selected the best checkpoint (and mtbert-ablate --lrs's lr)
         held, _ = evaluate_tasks(model, data.holdout, device=device, batch_size=cfg.eval_batch_size,
                                  precision=precision)
         summary["holdout"] = held
         summary["holdout_overall"] = overall_scores(held)["overall"]
+    if provenance is not None:
+        summary["provenance"] = provenance.record(cfg.to_dict(), steps)
     write_json(out / "summary.json", summary)
     table = format_table(metrics)
     selected = " (selected on held-out training rows)" if data.holdout else ""

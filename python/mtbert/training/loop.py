@@ -65,6 +65,7 @@ def _train_locked(cfg: TrainConfig, *, resume: bool) -> dict:
     else:
         state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.combiner)
         run.step = state["step"]
+        run.provenance.resumed_from(state.get("provenance"))  # wall time adds up over the parts
         run.dist.restore_rng(state["rng_tensors"], cfg.seed, run.step)  # [ddp] each rank's own RNG
         evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl", resume_step=run.step) if main
                               else DiscardedLog(), state["best_score"], state["best_step"])
@@ -96,4 +97,5 @@ def _train_locked(cfg: TrainConfig, *, resume: bool) -> dict:
         say(f"weights bitwise identical on all {run.dist.world_size} rank(s) (sha256 {digest})")
 
     # (7) the best checkpoint, evaluated on the full dev split, with predictions
-    return finish_run(run.out, cfg, run.data_dir, run.device, run.precision, evaluator.best_step, run.data)
+    return finish_run(run.out, cfg, run.data_dir, run.device, run.precision, evaluator.best_step, run.data,
+                      provenance=run.provenance, steps=run.step)

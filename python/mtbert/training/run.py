@@ -25,6 +25,7 @@ from ..model.regularization import class_weights
 from ..mtl import MultiTaskBackward
 from . import distributed
 from .distributed import say
+from .provenance import Provenance
 
 def pick_device(name: str) -> torch.device:
     if device_problem(name):  # robustness hook: torch.device("bad") raises a RuntimeError
@@ -135,6 +136,8 @@ class Run:
     # this step's factor on each task's loss on this rank: its share of the global batch (set
     # by next_batches; multi-process only, so that the sum over ranks is the global mean)
     loss_shares: dict[str, float] = field(default_factory=dict)
+    # code, machine, versions, wall time, peak memory, examples seen (summary.json, training state)
+    provenance: Optional[Provenance] = None
 
     def checkpoint_meta(self) -> dict:
         """What every checkpoint of the run says about itself (model, training, tokenizer)."""
@@ -148,10 +151,12 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
     `resume` keeps the global batch saved in the run's resume checkpoint."""
     out = Path(cfg.out)
     dist = distributed.init(cfg.device)  # [ddp] joins the process group under torchrun
+    clock = Provenance(torch.device("cpu"))  # wall time from here; the device is set below
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     device = dist.device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
+    clock.device = device
     torch.manual_seed(cfg.seed)
 
     # data: each split tokenized once, kept as padded arrays; the handout data directory
@@ -218,4 +223,5 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
                combiner=combiner, scaler=torch.amp.GradScaler("cuda", enabled=precision == "fp16"),
                class_weights=weights, task_probs=task_probabilities(sizes, cfg.sampling, cfg.temperature),
                steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-               warmup_steps=int(cfg.warmup * total_steps), dist=dist, global_batch=global_batch)
+               warmup_steps=int(cfg.warmup * total_steps), dist=dist, global_batch=global_batch,
+               provenance=clock)

@@ -35,6 +35,8 @@ def save_last(run: Run, evaluator: "Evaluator", train_log: Optional["TrainLog"] 
     info.update({"step": run.step, "best_score": evaluator.best_score, "best_step": evaluator.best_step,
                  "samplers": {t: s.state_dict() for t, s in run.samplers.items()},
                  "aggregation": run.combiner.state_dict() if run.combiner is not None else None})
+    if run.provenance is not None:  # code, machine, wall time so far (a resume adds to it)
+        info["provenance"] = run.provenance.record(run.cfg.to_dict(), run.step)
     if train_log is not None:
         # robustness hook: the open loss window, so the first loss record after a resume
         # averages the same steps as an uninterrupted run

@@ -78,6 +78,8 @@ def next_batches(run: Run) -> dict[str, TaskBatch]:
         global_idx = run.samplers[task].next()
         idx = run.dist.shard(global_idx)  # [ddp] this rank's slice (all of it in one process)
         run.loss_shares[task] = run.dist.loss_weight(len(idx), len(global_idx))
+        if run.provenance is not None:
+            run.provenance.examples_seen += len(global_idx)  # the global batch: all ranks together
         if len(idx):
             batches[task] = run.data.train[task].batch(idx).to(run.device)
     return batches
