@@ -10,8 +10,15 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+# CI runs the same hypothesis examples every time (a red CI is then a real change, not a new
+# random draw); a developer's run draws fresh examples and keeps the failures it finds.
+settings.register_profile("ci", derandomize=True, database=None)
+if IN_CI:
+    settings.load_profile("ci")
 
 
 @pytest.hookimpl(tryfirst=True)

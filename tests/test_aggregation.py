@@ -180,8 +180,11 @@ def test_pcgrad_matches_the_pairwise_loop(case, reduction):
     order = agg.make_method("pcgrad", seed=case[3]).draw_orders(g.shape[0])
     assume(pcgrad_decision_margin(g, order) > 1e-9)
     got = agg.aggregate(g, "pcgrad", order=order, reduction=reduction)
-    want = pcgrad_naive(g, order=order, reduction=reduction)
-    assert rel_err(got, want, 1e-10 * input_scale(g)) <= TOL
+    # The oracle loop in float64. Where the projections cancel to 0, the difference is float64
+    # rounding of the T-term combination (found by hypothesis: random, T = 16, P = 1: 2.5e-15
+    # on inputs of norm 2), so the floor of the relative error is 1e-9 of the input scale.
+    want = pcgrad_naive(g.double(), order=order, reduction=reduction)
+    assert rel_err(got, want, 1e-9 * input_scale(g)) <= TOL
 
 
 @SETTINGS
