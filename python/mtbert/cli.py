@@ -70,7 +70,7 @@ DEVICE = DeviceName()
 # Every training option's declaration (config/train_config.py): its flag, help, type, range
 # and choices are generated from it, so the flags and TrainConfig cannot drift apart.
 DECLARED = declarations(TrainConfig)
-LIST_FIELDS = tuple(name for name, d in DECLARED.items() if d.kind == "tasks")
+LIST_FIELDS = tuple(name for name, d in DECLARED.items() if d.kind in ("tasks", "list"))
 MAPPING_FIELDS = tuple(name for name, d in DECLARED.items() if d.kind == "mapping")
 
 
@@ -83,6 +83,9 @@ def _option_for(f: dataclasses.Field, default: Any):
                             show_default=True, help=help_text)
     if d.kind == "tasks":
         return click.option(flag, name, default=",".join(default), show_default=True, help=help_text)
+    if d.kind == "list":  # comma-separated choices; checked by TrainConfig (one line, exit 2)
+        return click.option(flag, name, default=",".join(default) or "none", show_default=True,
+                            metavar="NAME[,NAME]", help=help_text)
     if d.kind == "mapping":
         return click.option(flag, name, multiple=True, metavar="TASK=VALUE", help=help_text)
     if d.choices is not None:
@@ -211,7 +214,7 @@ def train_cmd(ctx: click.Context, preset, config_file, resume_dir, **params):
     """
     if resume_dir is not None:
         given = _given_flags(ctx, params)
-        extra = sorted(set(given) - {"data_dir", "device", "progress"})
+        extra = sorted(set(given) - {"data_dir", "device", "progress", "report_to"})
         if extra or preset or config_file:
             raise click.UsageError("--resume continues the saved configuration; do not combine it with "
                                    + ", ".join(["--" + e.replace("_", "-") for e in extra]
