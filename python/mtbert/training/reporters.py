@@ -126,7 +126,11 @@ class MlflowReporter:
         mlflow = require("mlflow", "mlflow", "--report-to mlflow")
         entities = require("mlflow.entities", "mlflow", "--report-to mlflow")
         self.entities = entities
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (out / "mlruns").resolve().as_uri()
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            uri = (out / "mlruns").resolve().as_uri()
+            # MLflow 3 keeps its file store (no server, no database package) behind this switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "mtbert")
         found = self.client.get_experiment_by_name(name)
