@@ -175,6 +175,8 @@ def _relative_to(base: Path, key: str, value):
     """A declared file path, made absolute against the config file's folder."""
     if key in ("train", "dev", "test") and isinstance(value, str):
         return str(base / Path(value).expanduser())
+    if key in ("train", "dev", "test") and isinstance(value, dict) and isinstance(value.get("path"), str):
+        return {**value, "path": str(base / Path(value["path"]).expanduser())}  # { path, split }
     return value
 
 
