@@ -126,11 +126,10 @@ def unknown_flags(page: Path, text: str, known: set[str], root: Path = ROOT) -> 
 def cli_flags() -> set[str]:
     import click
 
-    from mtbert import cli
+    from mtbert.__main__ import SUBCOMMANDS
 
     flags: set[str] = set()
-    for name in ("train_cmd", "eval_cmd", "predict_cmd", "ablate_cmd", "export_cmd"):
-        command = getattr(cli, name)
+    for command in SUBCOMMANDS.values():  # every `mtbert COMMAND` (the mtbert-* scripts are the same)
         # get_params adds the help option (--help) to the declared params.
         for param in command.get_params(click.Context(command)):
             for opt in [*param.opts, *getattr(param, "secondary_opts", [])]:
