@@ -25,6 +25,8 @@ OTHER_TOOLS_FLAGS = {
     # torchrun (docs/scaling.md)
     "--standalone", "--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint",
     "--max-restarts",
+    # tensorboard --logdir, mlflow ui --backend-store-uri (docs/monitoring.md)
+    "--logdir", "--backend-store-uri",
     # pytest / pytest-benchmark (make bench)
     "--benchmark-only",
     # pip (make setup installs the model package with --no-deps)
