@@ -231,3 +231,20 @@ def test_wandb_offline_writes_a_local_run(tmp_path, monkeypatch):
     _report(tmp_path, "wandb")
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     assert run_file.stat().st_size > 0
+
+
+def test_under_torchrun_rank_0_alone_reports(tmp_path, tiny_model_dir, data_dir):
+    if not os.environ.get("CI"):
+        pytest.importorskip("tensorboard")
+    from test_distributed import cli_args, run_ranks
+
+    cfg = tiny_config(tmp_path, tiny_model_dir, data_dir, max_steps=4, log_every=2, combine="pcgrad")
+    run_ranks(cli_args(cfg, 4) + ["--report-to", "tensorboard"], 2, tmp_path, "tb")
+    out = Path(cfg.out)
+    assert len(list((out / "tensorboard").iterdir())) == 1  # one event file: rank 0's
+    events = _tensorboard_scalars(out / "tensorboard")
+    expected = _expected(_records(out), cfg.tasks)
+    assert sorted(events["train/loss/sst"]) == [2, 4] and sorted(events["method/cosine/sst-para"]) == [1, 2, 3, 4]
+    for tag, steps in expected.items():
+        assert set(events[tag]) == set(steps), tag
+        assert all(_close(events[tag][s], v) for s, v in steps.items()), tag
