@@ -25,6 +25,8 @@ OTHER_TOOLS_FLAGS = {
     # torchrun (docs/scaling.md)
     "--standalone", "--nproc-per-node", "--nnodes", "--rdzv-backend", "--rdzv-endpoint",
     "--max-restarts",
+    # tensorboard --logdir, mlflow ui --backend-store-uri (docs/monitoring.md)
+    "--logdir", "--backend-store-uri",
     # pytest / pytest-benchmark (make bench)
     "--benchmark-only",
     # pip (make setup installs the model package with --no-deps)
@@ -126,11 +128,10 @@ def unknown_flags(page: Path, text: str, known: set[str], root: Path = ROOT) -> 
 def cli_flags() -> set[str]:
     import click
 
-    from mtbert import cli
+    from mtbert.__main__ import SUBCOMMANDS
 
     flags: set[str] = set()
-    for name in ("train_cmd", "eval_cmd", "predict_cmd", "ablate_cmd", "compare_cmd", "export_cmd"):
-        command = getattr(cli, name)
+    for command in SUBCOMMANDS.values():  # every `mtbert COMMAND` (the mtbert-* scripts are the same)
         # get_params adds the help option (--help) to the declared params.
         for param in command.get_params(click.Context(command)):
             for opt in [*param.opts, *getattr(param, "secondary_opts", [])]:

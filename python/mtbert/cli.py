@@ -70,7 +70,7 @@ DEVICE = DeviceName()
 # Every training option's declaration (config/train_config.py): its flag, help, type, range
 # and choices are generated from it, so the flags and TrainConfig cannot drift apart.
 DECLARED = declarations(TrainConfig)
-LIST_FIELDS = tuple(name for name, d in DECLARED.items() if d.kind == "tasks")
+LIST_FIELDS = tuple(name for name, d in DECLARED.items() if d.kind in ("tasks", "list"))
 MAPPING_FIELDS = tuple(name for name, d in DECLARED.items() if d.kind == "mapping")
 
 
@@ -83,6 +83,9 @@ def _option_for(f: dataclasses.Field, default: Any):
                             show_default=True, help=help_text)
     if d.kind == "tasks":
         return click.option(flag, name, default=",".join(default), show_default=True, help=help_text)
+    if d.kind == "list":  # comma-separated choices; checked by TrainConfig (one line, exit 2)
+        return click.option(flag, name, default=",".join(default) or "none", show_default=True,
+                            metavar="NAME[,NAME]", help=help_text)
     if d.kind == "mapping":
         return click.option(flag, name, multiple=True, metavar="TASK=VALUE", help=help_text)
     if d.choices is not None:
@@ -172,6 +175,8 @@ def _relative_to(base: Path, key: str, value):
     """A declared file path, made absolute against the config file's folder."""
     if key in ("train", "dev", "test") and isinstance(value, str):
         return str(base / Path(value).expanduser())
+    if key in ("train", "dev", "test") and isinstance(value, dict) and isinstance(value.get("path"), str):
+        return {**value, "path": str(base / Path(value["path"]).expanduser())}  # { path, split }
     return value
 
 

@@ -31,7 +31,8 @@ class Declared:
     section: str
     limit: Optional[Limit] = None  # numbers: the allowed range (None also allowed when optional)
     choices: Optional[tuple] = None  # a fixed set of values
-    kind: str = "value"  # "value", "path", "dir", "tasks" (a list of task names), "mapping"
+    kind: str = "value"  # "value", "path", "dir", "tasks" (a list of task names), "list" (a list
+    # of `choices`; a comma-separated flag), "mapping"
     # (task -> number; `limit` applies to each number), "device", or "file-only" (no flag)
     method: Optional[tuple[str, str]] = None  # (method, option) for a multi-task method's option
 
@@ -82,6 +83,9 @@ def problems(cls, values: dict[str, Any]) -> list[str]:
         if d.kind == "tasks":
             if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value)):
                 found.append(f"{name} must be a list of task names, got {value!r}")
+        elif d.kind == "list":
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                found.append(f"{name} must be a list of names, got {value!r}")
         elif d.kind == "mapping":
             if value is None:
                 continue
@@ -107,6 +111,12 @@ def problems(cls, values: dict[str, Any]) -> list[str]:
 
 
 def choice_problems(cls, values: dict[str, Any]) -> list[str]:
-    """Every value outside its field's declared choices."""
-    return [f"{name} must be one of {d.choices}" for name, d in declarations(cls).items()
-            if d.choices is not None and name in values and values[name] not in d.choices]
+    """Every value outside its field's declared choices (each item, for a list)."""
+    found = []
+    for name, d in declarations(cls).items():
+        if d.choices is None or name not in values:
+            continue
+        items = values[name] if d.kind == "list" else [values[name]]
+        found += [f"{name} must be one of {d.choices}, got {v!r}" if d.kind == "list"
+                  else f"{name} must be one of {d.choices}" for v in items if v not in d.choices]
+    return found

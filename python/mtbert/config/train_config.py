@@ -21,6 +21,8 @@ ONE_TASK_SAMPLINGS = ("one-round-robin", "one-proportional")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PENALTIES = ("none", "l1", "l2", "linf")
 SMART_NORMS = ("linf", "l2")
+# --report-to: the live loggers (mtbert.training.reporters), as transformers' Trainer names them
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
 # The earlier per-task dropout options and the task each sets.
 LEGACY_DROPOUT = {"sst": "dropout_sst", "para": "dropout_para", "sts": "dropout_sts", "cfimdb": "dropout_cfimdb"}
 
@@ -168,6 +170,11 @@ class TrainConfig:
     predict: bool = option(True, "At the end, score the best checkpoint on the full dev splits and write dev and "
                            "test prediction files.", section="runtime")
     progress: bool = option(True, "Show progress bars.", section="runtime")
+    # rank 0 only under torchrun; each logger is an optional extra (mtbert[tensorboard], ...)
+    report_to: list[str] = option([], "Live logging of the training and evaluation records (losses, learning "
+                                  "rate, examples/s, the method's weights and cosines, dev metrics) to "
+                                  "comma-separated tensorboard, wandb, mlflow, or none.", section="runtime",
+                                  choices=REPORT_TO, kind="list")
 
     def __post_init__(self):
         # the same ranges, types and choices as the flags, all problems at once
@@ -218,6 +225,7 @@ class TrainConfig:
                 raise ValueError("task_weights: every task's weight is 0, nothing would be trained")
         if self.epoch_task not in self.tasks:
             self.epoch_task = self.tasks[0]
+        self.report_to = [r for r in dict.fromkeys(self.report_to) if r != "none"]
 
     def method_options(self, steps_per_epoch: int = 1) -> dict:
         """The options of ``self.combine`` from this configuration: its declared fields, the

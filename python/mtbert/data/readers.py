@@ -1,11 +1,13 @@
 """Reading task data: the CS224N handout files (SST and CFIMDB sentences, Quora and STS
-pairs) and user tasks' CSV, TSV and JSON Lines files.
+pairs) and user tasks' CSV, TSV and JSON Lines files, Parquet files (mtbert[parquet]) and
+folders written by datasets' save_to_disk (mtbert[datasets]).
 
 Files are tab-separated UTF-8 with a header; columns are found by header name.
 Every physical line is one record (the handout format has no multi-line
 fields), so an unbalanced quote can damage only its own line, and every
 malformed row is reported with its file and line number: skipped with a
-warning by default, an error under `strict=True`. Nothing is dropped silently.
+warning by default, an error under `strict=True`. Nothing is dropped silently. Parquet
+files and datasets folders go through the same checks, their rows numbered from 1.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
-from .tasks import BUILTIN_TASKS, SPLITS, Task, get_task, split_key
+from .tasks import BUILTIN_TASKS, DATASET_SPLIT_NAMES, SPLITS, Task, get_task, split_key
 from ..errors import DataDirError, DataFormatError, DuplicateIdWarning, MalformedRowWarning
+from ..extras import require
 
 # What a task is (files, columns, labels) lives in the registry; these names are kept here
 # because the loader is where most callers meet them.
@@ -44,11 +47,14 @@ class Example:
 @dataclass(frozen=True)
 class BadRow:
     path: Path
-    line: int  # 1-based physical line number in the file (the header is line 1)
+    line: int  # 1-based physical line number in the file (the header is line 1), or row number
     reason: str
+    unit: str = "line"  # "row" for Parquet files and datasets folders ("train row": a DatasetDict's split)
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}: {self.reason}"
+        if self.unit == "line":
+            return f"{self.path}:{self.line}: {self.reason}"
+        return f"{self.path}: {self.unit} {self.line}: {self.reason}"
 
 
 @dataclass
@@ -189,8 +195,73 @@ def _delimited_rows(path: Path, text: str, delimiter: str, one_line_per_row: boo
     return header, rows()
 
 
-def _records(spec: Task, path: Path, text: str, wanted: tuple[str, ...]):
-    """Each data row as (line number, {column: cell} or the reason it is malformed)."""
+def _columns_present(path: Path, columns: list[str], wanted: tuple[str, ...], where: str = "") -> None:
+    missing = [c for c in wanted if c not in columns]
+    if missing:
+        raise DataFormatError(f"{path}{where}: lacks column(s) {missing}; columns are {columns}")
+
+
+def _parquet_rows(path: Path, wanted: tuple[str, ...]):
+    """(the unit, iterator of (row number, {column: value})) of a Parquet file."""
+    pq = require("pyarrow.parquet", "parquet", f"{path}: a Parquet file")
+    try:
+        _columns_present(path, pq.read_schema(path).names, wanted)
+        rows = pq.read_table(path, columns=list(dict.fromkeys(wanted))).to_pylist()
+    except DataFormatError:
+        raise
+    except Exception as exc:  # pyarrow's ArrowInvalid and OSError: not a readable Parquet file
+        raise DataFormatError(f"{path}: not a readable Parquet file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return "row", enumerate(rows, start=1)
+
+
+def dataset_split_name(spec: Task, split: str, available: list[str], path: Path) -> str:
+    """The split of a DatasetDict folder that `split` reads: the declared one, or the one
+    named as DATASET_SPLIT_NAMES says (train; validation or dev; test)."""
+    declared = spec.dataset_splits.get(split)
+    if declared is not None:
+        if declared not in available:
+            raise DataFormatError(f"{path} has no split {declared!r}; its splits are {available}")
+        return declared
+    for name in DATASET_SPLIT_NAMES[split]:
+        if name in available:
+            return name
+    raise DataFormatError(f"{path} holds the splits {available}; say which one is {split_key(split)}: "
+                          f"{split_key(split)} = {{ path = \"...\", split = \"NAME\" }}")
+
+
+def _dataset_rows(spec: Task, path: Path, split: str, wanted: tuple[str, ...]):
+    """(the unit, iterator of (row number, {column: value})) of a save_to_disk folder."""
+    datasets = require("datasets", "datasets", f"{path}: a datasets folder")
+    try:
+        loaded = datasets.load_from_disk(str(path))  # local files only: nothing is downloaded
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise DataFormatError(f"{path}: not a folder written by datasets' save_to_disk "
+                              f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    unit, where = "row", ""
+    if isinstance(loaded, datasets.DatasetDict):
+        name = dataset_split_name(spec, split, list(loaded), path)
+        loaded, unit, where = loaded[name], f"{name} row", f" (split {name})"
+    elif split in spec.dataset_splits:
+        raise DataFormatError(f"{path} holds one dataset, not splits; drop split = "
+                              f"{spec.dataset_splits[split]!r}")
+    _columns_present(path, list(loaded.column_names), wanted, where)
+    return unit, enumerate(loaded.select_columns(list(dict.fromkeys(wanted))).to_list(), start=1)
+
+
+def _records(spec: Task, path: Path, split: str, wanted: tuple[str, ...]):
+    """(what a row number counts, each data row as (number, {column: cell} or the reason it
+    is malformed))."""
+    if spec.file_format == "parquet":
+        return _parquet_rows(path, wanted)
+    if spec.file_format == "datasets":
+        return _dataset_rows(spec, path, split, wanted)
+    return "line", _text_records(spec, path, _decode(path), wanted)
+
+
+def _text_records(spec: Task, path: Path, text: str, wanted: tuple[str, ...]):
+    """Each row of a CSV, TSV or JSON Lines file as (line number, {column: cell} or the
+    reason it is malformed)."""
     if spec.file_format == "jsonl":
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -235,17 +306,19 @@ def read_split(
     silently: skipped with a warning, or a DataFormatError under strict."""
     if csv.field_size_limit() < _FIELD_LIMIT:
         csv.field_size_limit(_FIELD_LIMIT)  # robustness hook (see _FIELD_LIMIT)
-    text = _decode(path)
     labeled = split != "test-student"
     ids = (spec.id_column,) if spec.id_column else ()
     wanted = ids + spec.text_columns + ((spec.label_column,) if labeled else ())
 
     examples: list[Example] = []
     bad: list[BadRow] = []
-    for line_no, record in _records(spec, path, text, wanted):
+    unit, records = _records(spec, path, split, wanted)
+    for line_no, record in records:
         try:
             if isinstance(record, Exception):
                 raise record
+            if spec.id_column and record[spec.id_column] is None:
+                raise ValueError("empty id")  # a null cell (Parquet, datasets)
             ex_id = str(record[spec.id_column]).strip() if spec.id_column else str(line_no)
             if not ex_id:
                 raise ValueError("empty id")
@@ -255,7 +328,7 @@ def read_split(
                     raise ValueError(f"empty {col}")
             label = spec.parse_label(record[spec.label_column]) if labeled else None
         except ValueError as exc:
-            bad.append(BadRow(path, line_no, str(exc)))
+            bad.append(BadRow(path, line_no, str(exc), unit))
             continue
         examples.append(Example(ex_id, texts[0], texts[1] if spec.is_pair else None, label))
 
@@ -295,7 +368,7 @@ def load_split(
     # A file declared with an absolute path needs no data directory.
     folder = Path() if Path(spec.files[split]).expanduser().is_absolute() else resolve_data_dir(data_dir)
     path = spec.path(folder, split)
-    if not path.is_file():
+    if not (path.is_dir() if spec.file_format == "datasets" else path.is_file()):
         raise DataDirError(f"data file {str(path)!r} of task {spec.name!r} not found"
                            + ("" if folder == Path() else f" in data directory {str(folder)!r}"))
     result = read_split(spec, path, split, strict=strict, warn=warn)

@@ -31,8 +31,13 @@ SPLITS = ("train", "dev", "test-student")
 KINDS = ("classification", "binary", "regression")
 # Declared kinds: a "pair-" prefix means two text columns (it must agree with `text`).
 DECLARED_KINDS = KINDS + tuple(f"pair-{k}" for k in KINDS)
-FILE_FORMATS = ("tsv", "csv", "jsonl")
-_EXTENSION_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+# parquet: a Parquet file (the mtbert[parquet] extra); datasets: a folder written by
+# datasets' save_to_disk (the mtbert[datasets] extra), a Dataset or a DatasetDict
+FILE_FORMATS = ("tsv", "csv", "jsonl", "parquet", "datasets")
+_EXTENSION_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+                      ".parquet": "parquet", ".pq": "parquet"}
+# The split of a DatasetDict folder that each of our splits reads when none is declared.
+DATASET_SPLIT_NAMES = {"train": ("train",), "dev": ("validation", "dev"), "test-student": ("test",)}
 
 
 @dataclass(frozen=True)
@@ -51,7 +56,10 @@ class Task:
     text_columns: tuple[str, ...]  # one column for sentences, two for pairs
     label_column: str
     files: dict[str, str]  # split -> file: a name inside the data dir, or a path
-    file_format: str = "tsv"  # "tsv", "csv" or "jsonl"
+    file_format: str = "tsv"  # one of FILE_FORMATS
+    # split -> the split of a DatasetDict folder to read (file_format "datasets"; declared
+    # as train = { path = "...", split = "..." }); absent: DATASET_SPLIT_NAMES
+    dataset_splits: dict[str, str] = field(default_factory=dict)
     id_column: Optional[str] = "id"  # None: ids are the rows' line numbers
     num_classes: int = 0  # classification and binary
     label_range: tuple[float, float] = (0.0, 0.0)  # regression
@@ -79,6 +87,10 @@ class Task:
             problems.append(f"unknown split(s) {unknown}")
         if "train" not in self.files:
             problems.append("a train file is needed")
+        if self.dataset_splits and self.file_format != "datasets":
+            problems.append("split = \"...\" is for folders written by datasets' save_to_disk (format = \"datasets\")")
+        if not set(self.dataset_splits) <= set(self.files):
+            problems.append(f"a split for a file that is not declared: {sorted(set(self.dataset_splits) - set(self.files))}")
         if self.kind == "classification" and self.num_classes < 2:
             problems.append("a classification task needs labels = [names] or num_classes >= 2")
         if self.kind == "binary" and self.num_classes != 2:
@@ -110,9 +122,11 @@ class Task:
             raise ValueError(f"task {self.name!r} declares no {split_key(split)} file")
         return Path(data_dir) / Path(self.files[split]).expanduser()
 
-    def declared_files(self) -> dict[str, str]:
-        """The files as a declaration names them (train, dev, test)."""
-        return {split_key(split): f for split, f in self.files.items()}
+    def declared_files(self) -> dict[str, Union[str, dict]]:
+        """The files as a declaration names them (train, dev, test); a file read from one
+        split of a DatasetDict folder as {path, split}."""
+        return {split_key(split): ({"path": f, "split": self.dataset_splits[split]} if split in self.dataset_splits
+                                   else f) for split, f in self.files.items()}
 
     def parse_label(self, raw: Any) -> Union[int, float]:
         """A label cell (text, or a JSON number) as a class id or a score; ValueError says why."""
@@ -266,6 +280,7 @@ class Task:
         d["label_range"] = tuple(d.get("label_range", (0.0, 0.0)))
         d["label_names"] = tuple(d.get("label_names", ()))
         d["head"] = HeadDefaults(**d.get("head", {}))
+        d["dataset_splits"] = dict(d.get("dataset_splits", {}))
         d["builtin"] = False
         return cls(**d)
 
@@ -333,6 +348,8 @@ def define_task(name: str, spec: dict, *, base_dir: Optional[Path] = None) -> Ta
 
         kind = "pair-classification"   # classification | binary | regression, pair- for two texts
         train = "nli-train.tsv"; dev = "nli-dev.tsv"; test = "nli-test.tsv"
+                                        # also .parquet files, or save_to_disk folders:
+                                        # train = { path = "nli_hf", split = "train" }
         text = ["premise", "hypothesis"]; label = "label"
         labels = ["entailment", "neutral", "contradiction"]   # or num_classes = 3
         range = [0, 5]                  # regression
@@ -356,14 +373,21 @@ def define_task(name: str, spec: dict, *, base_dir: Optional[Path] = None) -> Ta
         raise ValueError(f"task {name!r}: kind {kind!r} needs {'two text columns' if pair else 'one text column'}, "
                          f"got text = {text}")
     kind = kind.removeprefix("pair-")
-    files = {}
+    files, dataset_splits = {}, {}
     for key, split in (("train", "train"), ("dev", "dev"), ("test", "test-student")):
         if key in spec:
-            files[split] = str((Path(base_dir or ".") / Path(str(spec[key])).expanduser()).absolute())
+            value = spec[key]
+            if isinstance(value, dict):  # { path = "folder", split = "train" }: one split of a DatasetDict
+                if set(value) != {"path", "split"} or not all(isinstance(v, str) for v in value.values()):
+                    raise ValueError(f"task {name!r}: {key} is a file name or {{ path = \"FOLDER\", split = \"NAME\" }}, "
+                                     f"got {value!r}")
+                value, dataset_splits[split] = value["path"], value["split"]
+            files[split] = str((Path(base_dir or ".") / Path(str(value)).expanduser()).absolute())
     if "train" not in files or "dev" not in files:
         raise ValueError(f"task {name!r}: train = \"FILE\" and dev = \"FILE\" are needed")
     formats = {spec["format"]} if "format" in spec else {
-        _EXTENSION_FORMATS.get(Path(f).suffix.lower()) for f in files.values()}
+        "datasets" if split in dataset_splits or Path(f).is_dir() else _EXTENSION_FORMATS.get(Path(f).suffix.lower())
+        for split, f in files.items()}
     if len(formats) != 1 or None in formats:
         raise ValueError(f"task {name!r}: cannot tell the file format from the names {sorted(files.values())}; "
                          f"set format = one of {', '.join(FILE_FORMATS)}")
@@ -378,7 +402,7 @@ def define_task(name: str, spec: dict, *, base_dir: Optional[Path] = None) -> Ta
         raise ValueError(f"task {name!r}: range = [low, high]")
     head = HeadDefaults(dropout=float(spec.get("dropout", 0.3)), hidden_layers=int(spec.get("hidden_layers", 0)))
     return Task(name=name, kind=kind, text_columns=tuple(text), label_column=str(spec.get("label", "label")),
-                files=files, file_format=formats.pop(), id_column=spec.get("id"),
+                files=files, file_format=formats.pop(), dataset_splits=dataset_splits, id_column=spec.get("id"),
                 num_classes=num_classes if kind != "regression" else 0, label_range=label_range,
                 label_names=names, write_label_names=bool(spec.get("write_names", bool(names))),
                 prediction_column=str(spec.get("prediction_column", "Prediction")), head=head,

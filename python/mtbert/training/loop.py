@@ -19,6 +19,7 @@ from . import distributed, start
 from .distributed import say
 from .finish import finish_run
 from .records import DiscardedLog, MetricsLog, TrainLog
+from .reporters import check_extras, open_reporters
 from .run import Run, build_run
 from .state import Evaluator, load_resume_state, save_last
 from .step import train_step
@@ -39,6 +40,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     (``overwrite`` replaces the run whole instead). The folder is locked for the whole run (a
     second run on it is refused) and healed first (see runfolder.py); under torchrun rank 0
     alone locks, heals and clears it, and every rank reads the same decision off the folder."""
+    check_extras(cfg.report_to)  # a missing logger fails now, before any data is loaded
     ranks = distributed.env_context()
     if ranks is not None and ranks[0] != 0:  # [ddp] rank 0 holds the lock for the whole job
         if not resume:
@@ -59,19 +61,35 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
 def _train_locked(cfg: TrainConfig, *, resume: bool) -> dict:
     run = build_run(cfg, resume=resume)
-    main = run.dist.is_main  # [ddp] rank 0 alone writes metrics.jsonl
-    if not resume:
-        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl") if main else DiscardedLog())
-    else:
+    main = run.dist.is_main  # [ddp] rank 0 alone writes metrics.jsonl and reports
+    state: dict = {}
+    if resume:
         state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.combiner)
         run.step = state["step"]
         run.provenance.resumed_from(state.get("provenance"))  # wall time adds up over the parts
         run.dist.restore_rng(state["rng_tensors"], cfg.seed, run.step)  # [ddp] each rank's own RNG
-        evaluator = Evaluator(MetricsLog(run.out / "metrics.jsonl", resume_step=run.step) if main
-                              else DiscardedLog(), state["best_score"], state["best_step"])
-        say(f"resumed from {run.out / 'last'} at step {run.step}/{run.total_steps}")
+    resume_step = run.step if resume else None
+    reporters = open_reporters(cfg, run.out, resume_step) if main else None  # --report-to
+    try:
+        log = MetricsLog(run.out / "metrics.jsonl", resume_step=resume_step, reporters=reporters) if main \
+            else DiscardedLog()
+        if not resume:
+            evaluator = Evaluator(log)
+        else:
+            evaluator = Evaluator(log, state["best_score"], state["best_step"])
+            say(f"resumed from {run.out / 'last'} at step {run.step}/{run.total_steps}")
+        summary = _train_steps(run, cfg, evaluator, state if resume else None)
+        if reporters is not None:
+            reporters.report_final(summary, run.total_steps)
+        return summary
+    finally:
+        if reporters is not None:
+            reporters.close()
+
+
+def _train_steps(run: Run, cfg: TrainConfig, evaluator: Evaluator, state) -> dict:
     train_log = TrainLog(run, evaluator.log)
-    if resume:
+    if state is not None:
         train_log.resume_window(state.get("log_window"))  # robustness hook
 
     run.model.train()

@@ -10,14 +10,17 @@ from typing import Optional
 import numpy as np
 
 from ..checkpoint import runfolder
+from .reporters import Reporters
 from .run import Run
 from .step import StepResult
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line; a resumed run drops lines past its step."""
+    """metrics.jsonl: one JSON object per line; a resumed run drops lines past its step.
+    Each record written is also sent to the run's live loggers (--report-to), if any."""
 
-    def __init__(self, path: Path, resume_step: Optional[int] = None):
+    def __init__(self, path: Path, resume_step: Optional[int] = None, reporters: Optional[Reporters] = None):
         self.path = path
+        self.reporters = reporters
         if resume_step is not None and path.exists():
             # robustness hook: a torn last line (a kill mid-write) is dropped with a warning,
             # and the log is rewritten atomically
@@ -29,6 +32,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.reporters is not None:  # the same record, live (training lines, method stats, evaluations)
+            self.reporters.report(record)
 
 
 class DiscardedLog:

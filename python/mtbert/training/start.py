@@ -29,7 +29,7 @@ from ..config import TrainConfig
 from ..errors import CheckpointError, RunFolderError
 
 # Options that say how a run is carried out, not what it computes: a rerun may change them.
-RUNTIME_ONLY = ("out", "progress", "device", "data_dir")
+RUNTIME_ONLY = ("out", "progress", "device", "data_dir", "report_to")
 # What a run writes into its folder (all of it goes with --overwrite).
 RUN_FILES = ("best", "last", "metrics.jsonl", "summary.json", "summary.md", "eval.json")
 EXTENDABLE = ("max_steps", "epochs")
