@@ -43,6 +43,7 @@ def _trainable(params, what: str) -> list[Tensor]:
 def method_weights(method: Method, G: np.ndarray, order=None) -> np.ndarray:
     """The method's (T,) float64 weights for Gram matrix ``G`` (``order``: explicit orders
     for the methods that visit tasks in an order)."""
+    method.check_tasks(G.shape[0])
     if not np.isfinite(G).all():
         raise ValueError(f"{method.name}: the Gram matrix is not finite (gradient norms above about 1e154)")
     try:
