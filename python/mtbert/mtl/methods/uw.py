@@ -30,6 +30,9 @@ class UW(Method):
     def setup(self, num_tasks: int) -> None:
         if self.log_vars is None:
             self.log_vars = torch.nn.Parameter(torch.full((num_tasks,), float(self.options["init"])))
+        elif self.log_vars.numel() != num_tasks:  # one log-variance per task, fixed at the start
+            raise ValueError(f"uw has the log-variances of {self.log_vars.numel()} tasks, got {num_tasks}; "
+                             "use a new method object for other tasks")
 
     def loss_weights(self, losses):
         self.setup(len(losses))
