@@ -236,6 +236,9 @@ def _records(spec: Task, path: Path, text: str, wanted: tuple[str, ...]):
             except json.JSONDecodeError as exc:
                 yield line_no, ValueError(f"not a JSON object ({exc.msg})")
                 continue
+            except (ValueError, RecursionError) as exc:  # an integer of > 4300 digits, nesting too deep
+                yield line_no, ValueError(f"not a usable JSON object ({type(exc).__name__}: {str(exc)[:80]})")
+                continue
             if not isinstance(record, dict):
                 yield line_no, ValueError("not a JSON object")
                 continue
