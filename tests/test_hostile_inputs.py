@@ -357,6 +357,13 @@ def test_combine_refuses_a_result_that_overflows():
 
 # ------------------------------------------------ 7. limits in time
 
+def test_gradvac_declares_its_smaller_task_limit():
+    with pytest.raises(ValueError, match="gradvac takes at most 256 tasks"):
+        aggregate(torch.randn(257, 3), "gradvac")
+    with pytest.raises(ValueError, match="gradvac takes at most 256 tasks"):
+        make_method("gradvac").check_tasks(257)
+
+
 def test_cagrad_declares_its_smaller_task_limit():
     with pytest.raises(ValueError, match="cagrad takes at most 64 tasks"):
         aggregate(torch.randn(65, 3), "cagrad")

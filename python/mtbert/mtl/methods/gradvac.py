@@ -26,6 +26,8 @@ class GradVac(OrderedMethod):
 
     name = "gradvac"
     gradient_based = True
+    # a Python loop over T^2 ordered pairs: 1.2 s at T = 256, 32 s at 512 (loaded machine; docs/benchmarks.md)
+    max_tasks = 256
 
     params = {"beta": Param(0.01, Limit(float, 0.0, 1.0)), "reduction": Param("sum", choices=("mean", "sum")),
               "seed": SEED}
