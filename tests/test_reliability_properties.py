@@ -160,19 +160,33 @@ def base_args(tmp: Path, tiny_model_dir: Path, data_dir: Path) -> list[str]:
             "--train-limit", "8", "--eval-limit", "8", "--max-length", "16", "--no-progress"]
 
 
-PROPERTY = settings(max_examples=6, deadline=None, derandomize=True,
+# A child's start costs a few seconds (torch's import): 3 examples each in the default run,
+# 30 in the slow variants.
+PROPERTY = settings(max_examples=3, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+MANY = settings(PROPERTY, max_examples=30, derandomize=False)
+
+
+def check_config_file(tmp_path_factory, tiny_model_dir, small_data_dir, values):
+    tmp = tmp_path_factory.mktemp("options")
+    config = tmp / "run.toml"
+    config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()), encoding="utf-8")
+    result = run_child(["--config", str(config), *base_args(tmp, tiny_model_dir, small_data_dir)])
+    assert_success_or_one_error(result, f"config {values}")
 
 
 @PROPERTY
 @given(values=option_files())
 def test_any_config_file_is_accepted_round_trip_or_one_error(tmp_path_factory, tiny_model_dir, small_data_dir,
                                                              values):
-    tmp = tmp_path_factory.mktemp("options")
-    config = tmp / "run.toml"
-    config.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in values.items()), encoding="utf-8")
-    result = run_child(["--config", str(config), *base_args(tmp, tiny_model_dir, small_data_dir)])
-    assert_success_or_one_error(result, f"config {values}")
+    check_config_file(tmp_path_factory, tiny_model_dir, small_data_dir, values)
+
+
+@pytest.mark.slow
+@MANY
+@given(values=option_files())
+def test_many_config_files(tmp_path_factory, tiny_model_dir, small_data_dir, values):
+    check_config_file(tmp_path_factory, tiny_model_dir, small_data_dir, values)
 
 
 # ---------------------------------------------------------------- user-task files
@@ -205,9 +219,7 @@ def task_files(draw):
     return spec, text
 
 
-@PROPERTY
-@given(case=task_files())
-def test_any_user_task_file_is_accepted_round_trip_or_one_error(tmp_path_factory, tiny_model_dir, case):
+def check_task_file(tmp_path_factory, tiny_model_dir, case):
     spec, text = case
     tmp = tmp_path_factory.mktemp("task")
     (tmp / "data.txt").write_text(text, encoding="utf-8")
@@ -216,6 +228,19 @@ def test_any_user_task_file_is_accepted_round_trip_or_one_error(tmp_path_factory
     result = run_child(["--config", str(tmp / "run.toml"), "--model", str(tiny_model_dir), "--out",
                         str(tmp / "run"), "--max-length", "16", "--no-progress"])
     assert_success_or_one_error(result, f"task {spec} file {text!r}")
+
+
+@PROPERTY
+@given(case=task_files())
+def test_any_user_task_file_is_accepted_round_trip_or_one_error(tmp_path_factory, tiny_model_dir, case):
+    check_task_file(tmp_path_factory, tiny_model_dir, case)
+
+
+@pytest.mark.slow
+@MANY
+@given(case=task_files())
+def test_many_user_task_files(tmp_path_factory, tiny_model_dir, case):
+    check_task_file(tmp_path_factory, tiny_model_dir, case)
 
 
 # ---------------------------------------------------------------- slow: real runs and every command
