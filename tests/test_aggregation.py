@@ -200,7 +200,10 @@ def test_gradvac_matches_the_papers_loop_over_two_steps(case, beta):
         order = method.draw_orders(T)
         got = agg.aggregate(h, method, order=order)
         want, targets, margin = gradvac_direct(h, order, targets, beta)
-        assume(margin > 1e-6)
+        # A g_i cancelled to a relative norm m has its squared norm from the Gram matrix
+        # with a relative error of about 1e-16 / m^2: at m = 3e-6 the targets differ by ~1e-6
+        # (the earlier per-pair recomputation too). Decisions that close are not compared.
+        assume(margin > 1e-4)
         assert rel_err(got, want, input_scale(h)) <= TOL
         assert np.allclose(method.targets, targets.numpy(), atol=1e-9)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -263,22 +264,46 @@ def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
         model, meta, tokenizer = load_checkpoint(checkpoint, device=dev)
         folder = checkpoint_folder(checkpoint)
         out_dir = Path(out) if out else (folder.parent if folder.name == "best" else folder)
-        data = resolve_data_dir(data_dir) if uses_data_dir(model.config.tasks) else None
+        _usable_out_folder(out_dir)
+        splits = ["dev", "test-student"] if split == "both" else ["test-student" if split == "test" else "dev"]
+        tasks = model.config.tasks
+        if split == "test" and not any("test-student" in get_task(t).files for t in tasks):
+            raise ValueError(f"no task of this checkpoint declares a test file (tasks: {', '.join(tasks)}); "
+                             "nothing to predict")
+        data = resolve_data_dir(data_dir) if uses_data_dir(tasks) else None
         report = {}
-        for s in (["dev", "test-student"] if split == "both" else
-                  ["test-student" if split == "test" else "dev"]):
-            metrics = predict_files(model, tokenizer, meta, model.config.tasks, s, data, out_dir,
+        for s in splits:
+            metrics = predict_files(model, tokenizer, meta, tasks, s, data, out_dir,
                                     device=dev, batch_size=batch_size)
             if metrics:
                 report[s] = {"tasks": metrics, **overall_scores(metrics)}
                 click.echo(f"\n{s}:\n{format_table(metrics)}")
-            click.echo(f"wrote predictions for {s} to {out_dir}")
+            written = [t for t in tasks if s in get_task(t).files]
+            lacking = [t for t in tasks if t not in written]
+            if written:
+                click.echo(f"wrote predictions for {s} ({', '.join(written)}) to {out_dir}")
+            if lacking:
+                click.echo(f"no {s} file declared for {', '.join(lacking)}: no predictions for them")
         write_json(out_dir / "eval.json", report)
         if plots:
             for path in plot_run(out_dir, report.get("dev", {}).get("tasks")):
                 click.echo(f"wrote {path}")
     except (CheckpointError, DataDirError, DataFormatError, ValueError) as exc:
         _fail(exc)
+    except OSError as exc:  # a write that failed midway (disk full, permissions)
+        _fail_run(exc)
+
+
+def _usable_out_folder(folder: Path) -> None:
+    """--out of mtbert-eval: a folder that exists or can be made (ValueError: one line)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {str(folder)!r} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {str(folder)!r}: cannot create the folder: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(folder)!r}: the folder is not writable")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -105,8 +105,8 @@ def short_list(items: list[str], limit: int = 12) -> str:
 
 def check_state_fits(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], source,
                      what: str, *, allow_unexpected: bool = False) -> list[str]:
-    """Raise CheckpointError unless `tensors` has every key of `expected` with its shape
-    (and, unless allowed, no other key). Returns the unexpected keys."""
+    """Raise CheckpointError unless `tensors` has every key of `expected` with its shape,
+    finite values (and, unless allowed, no other key). Returns the unexpected keys."""
     missing = [k for k in expected if k not in tensors]
     wrong = [f"{k}: expected {tuple(v.shape)}, found {tuple(tensors[k].shape)}"
              for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
@@ -120,6 +120,11 @@ def check_state_fits(expected: dict[str, torch.Tensor], tensors: dict[str, torch
         parts.append(f"wrong shapes ({len(wrong)}): {short_list(wrong)}")
     if parts:
         raise CheckpointError(f"checkpoint {source} does not fit {what}: " + "; ".join(parts))
+    for key in expected:  # robustness hook: NaN or inf weights would predict NaN with exit 0
+        t = tensors[key]
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CheckpointError(f"checkpoint {source} is damaged: tensor {key} holds non-finite values "
+                                  f"(NaN or inf)")
     return unexpected
 
 def load_state_into(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:

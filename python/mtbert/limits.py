@@ -9,6 +9,7 @@ is given.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -49,3 +50,22 @@ NON_NEGATIVE = Limit(float, 0.0)
 POSITIVE = Limit(float, 0.0, lo_open=True)
 FINITE = Limit(float)
 SEED = Limit(int, 0, 2**63 - 1)
+
+
+def physical_memory() -> Optional[int]:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def memory_problem(what: str, parameters: int, bytes_per_parameter: int = 4) -> Optional[str]:
+    """None if ``parameters`` float32 values fit in this machine's physical memory, else a
+    line saying how much ``what`` needs: checked before anything is allocated."""
+    total = physical_memory()
+    need = parameters * bytes_per_parameter
+    if total is not None and need > total:
+        return (f"{what} has {parameters:.3g} parameters ({need / 2**30:.3g} GiB as float32), more than this "
+                f"machine's {total / 2**30:.3g} GiB of memory")
+    return None

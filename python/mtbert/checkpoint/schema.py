@@ -15,6 +15,8 @@ from typing import Any, Callable
 from ..config import TrainConfig, declarations
 from ..errors import CheckpointError
 from ..model.config import BertConfig
+from ..data.tasks import HEAD_DROPOUT, HEAD_LAYERS
+from ..limits import Limit
 from ..model.multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS, MultitaskConfig
 
 
@@ -54,6 +56,15 @@ def number(lo: float | None = None, hi_open: float | None = None, finite: bool =
             raise SchemaError(f"{where} must be >= {lo}, found {value}")
         if hi_open is not None and value >= hi_open:
             raise SchemaError(f"{where} must be < {hi_open}, found {value}")
+    return check
+
+
+def limited(limit: Limit) -> Check:
+    """A number within a declared Limit: the same range a config file and a flag get."""
+    def check(value, where):
+        problem = limit.problem(where, value)
+        if problem:
+            raise SchemaError(problem)
     return check
 
 
@@ -133,8 +144,10 @@ def _task_name(value, where):
 
 
 def _head() -> Check:
-    return obj({"dropout": number(0.0, 1.0), "hidden_layers": integer(0, 64),
-                "hidden_dropout": number(0.0, 1.0), "activation": one_of(*ACTIVATIONS)})
+    # the limits a task's declaration and the training options use (data.tasks): whatever a
+    # run accepts at its start, its checkpoints pass
+    return obj({"dropout": limited(HEAD_DROPOUT), "hidden_layers": limited(HEAD_LAYERS),
+                "hidden_dropout": limited(HEAD_DROPOUT), "activation": one_of(*ACTIVATIONS)})
 
 
 def _model() -> Check:

@@ -20,7 +20,8 @@ from ..mtl.methods import method_class
 
 SECTIONS = ("paths", "tasks", "optimization", "method", "model", "regularization", "runtime")
 
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# At most 3 digits of device index: torch.device("cuda:99999999999999999999") is a traceback.
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
 
 @dataclass(frozen=True)
@@ -72,14 +73,43 @@ def device_problem(value: Any) -> Optional[str]:
     return None
 
 
+def _annotation(cls, name: str) -> tuple[str, bool]:
+    """(the field's type as written, e.g. "str", and whether None is allowed)."""
+    text = str(cls.__dataclass_fields__[name].type)
+    if text.startswith("Optional[") and text.endswith("]"):
+        return text[len("Optional["):-1], True
+    return text, False
+
+
+def type_problem(cls, name: str, value: Any) -> Optional[str]:
+    """A flag gives the declared type; a config file or a Python caller may give anything:
+    true/false for switches, text for names and paths (never empty: '' would be the
+    current folder)."""
+    kind, optional = _annotation(cls, name)
+    if value is None:
+        return None if optional else f"{name} must be given, got null"
+    if kind == "bool" and not isinstance(value, bool):
+        return f"{name} must be true or false, got {value!r}"
+    if kind == "str":
+        if not isinstance(value, str):
+            return f"{name} must be a string, got {value!r}"
+        if not value.strip() and declared(cls.__dataclass_fields__[name]).kind in ("path", "dir"):
+            return f"{name} must name a folder or file, got {value!r}"
+    return None
+
+
 def problems(cls, values: dict[str, Any]) -> list[str]:
     """Every value in ``values`` (field -> value) that its declaration in ``cls`` refuses:
-    ranges, choices, list and mapping types, device names; all of them at once."""
+    types, ranges, choices, list and mapping types, device names; all of them at once."""
     found = []
     for name, d in declarations(cls).items():
         if name not in values:
             continue
         value = values[name]
+        message = type_problem(cls, name, value)
+        if message:
+            found.append(message)
+            continue
         if d.kind == "tasks":
             if value is not None and (not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value)):
                 found.append(f"{name} must be a list of task names, got {value!r}")
@@ -117,6 +147,5 @@ def choice_problems(cls, values: dict[str, Any]) -> list[str]:
         if d.choices is None or name not in values:
             continue
         items = values[name] if d.kind == "list" else [values[name]]
-        found += [f"{name} must be one of {d.choices}, got {v!r}" if d.kind == "list"
-                  else f"{name} must be one of {d.choices}" for v in items if v not in d.choices]
+        found += [f"{name} must be one of {d.choices}, got {v!r}" for v in items if v not in d.choices]
     return found

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from ..data.tasks import get_task, known_tasks, register_definitions
+from ..data.tasks import HEAD_LAYERS, get_task, known_tasks, register_definitions
 from ..limits import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Limit
 from ..model.multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS
 from ..mtl.methods import METHODS, Method, make_method, method_class
@@ -131,7 +131,7 @@ class TrainConfig:
     dropout_cfimdb: Optional[float] = option(None, "Dropout of the CFIMDB head (default 0.3).",
                                              section="model", limit=FRACTION)
     extra_layers: int = option(0, "Extra hidden Linear+activation layers added to every head.",
-                               section="model", limit=Limit(int, 0, 64))
+                               section="model", limit=HEAD_LAYERS)
     activation: str = option("relu", "Activation of hidden head layers.", section="model", choices=ACTIVATIONS)
     freeze_encoder: bool = option(False, "Train only the heads; the encoder stays bit-identical.", section="model")
     # ---- regularization
@@ -193,6 +193,17 @@ class TrainConfig:
         found = choice_problems(TrainConfig, asdict(self))
         if found:
             raise ValueError(found[0])
+        for task in self.tasks:  # a head's layers in all: the limit its checkpoint is read with
+            layers = get_task(task).head.hidden_layers + self.extra_layers
+            if HEAD_LAYERS.problem("", layers):
+                raise ValueError(f"the {task} head would have {layers} hidden layers ({self.extra_layers} "
+                                 f"extra_layers on its own {get_task(task).head.hidden_layers}); a head has "
+                                 f"{HEAD_LAYERS.describe()}")
+        method_class(self.combine).check_tasks(len(self.tasks))
+        if self.freeze_encoder and self.combine != "sum":
+            # each head gets its own task's gradient alone; no method would change an update
+            raise ValueError(f"freeze_encoder trains only the task heads, which --combine {self.combine} "
+                             "does not change; use --combine sum with --freeze-encoder")
         for name in ("reg_tasks", "smart_tasks", "class_weight_tasks"):
             for task in getattr(self, name):
                 get_task(task)

@@ -3,8 +3,9 @@ pairs) and user tasks' CSV, TSV and JSON Lines files, Parquet files (mtbert[parq
 folders written by datasets' save_to_disk (mtbert[datasets]).
 
 Files are tab-separated UTF-8 with a header; columns are found by header name.
-Every physical line is one record (the handout format has no multi-line
-fields), so an unbalanced quote can damage only its own line, and every
+Lines end at "\n" or "\r\n" only. In TSV every physical line is one record (the handout
+format has no multi-line fields); in CSV a quoted field may span lines, and a quote that
+never closes is reported at the line where it opens. Every
 malformed row is reported with its file and line number: skipped with a
 warning by default, an error under `strict=True`. Nothing is dropped silently. Parquet
 files and datasets folders go through the same checks, their rows numbered from 1.
@@ -154,6 +155,16 @@ def _decode(path: Path) -> str:
         ) from None
 
 
+def physical_lines(text: str) -> list[str]:
+    """The file's lines, split only on "\n" (a "\r" before it is dropped), as the CSV and JSON
+    Lines formats define a record's end. Not ``str.splitlines()``, which also splits on
+    U+2028, U+0085, form feeds ... that may stand inside a valid record or quoted field."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _parse_line(line: str, delimiter: str):
     """One line's fields, or the csv.Error that makes it unreadable (a malformed row)."""
     try:
@@ -162,37 +173,62 @@ def _parse_line(line: str, delimiter: str):
         return exc
 
 
+def _never_closes(lines: list[str], delimiter: str) -> bool:
+    """Whether these lines, read as one record, end inside a quoted field."""
+    try:
+        list(csv.reader([line + "\n" for line in lines], delimiter=delimiter, strict=True))
+    except csv.Error as exc:
+        return "unexpected end of data" in str(exc)
+    return False
+
+
+def _quoted_rows(lines: list[str], delimiter: str):
+    """(line number where the record starts, fields or the error) of each CSV record after
+    the header; a quoted field may span lines. A quote that opens and never closes would
+    swallow the rest of the file: its line is reported as malformed instead, and reading
+    starts again on the next line."""
+    start = 1  # index of the next record's first line (0 is the header)
+    while start < len(lines):
+        reader = csv.reader((line + "\n" for line in lines[start:]), delimiter=delimiter)
+        done = 0  # lines of lines[start:] consumed by the records yielded so far
+        restart = None
+        while True:
+            first = start + done + 1  # 1-based line number of the record's first line
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                yield first, exc
+                done = reader.line_num
+                continue
+            end = reader.line_num
+            if start + end == len(lines) and end - done > 1 and _never_closes(lines[first - 1:], delimiter):
+                yield first, csv.Error("a quoted field opens on this line and never closes")
+                restart = first  # the next line, as an index
+                break
+            yield first, row
+            done = end
+        if restart is None:
+            return
+        start = restart
+
+
 def _delimited_rows(path: Path, text: str, delimiter: str, one_line_per_row: bool):
     """(header, iterator of (line number, fields)) of a CSV or TSV file.
 
     The handout's TSV has one record per physical line, so a stray quote damages only
     its own line; CSV files follow the usual quoting rules (a quoted field may span lines).
     """
-    if one_line_per_row:
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()  # the newline that ends the last line
-        if not lines:
-            raise DataFormatError(f"{path}: empty file (no header)")
-        header = next(csv.reader([lines[0]], delimiter=delimiter))
-        rows = ((n, _parse_line(line.rstrip("\r"), delimiter)) for n, line in enumerate(lines[1:], start=2))
-        return header, rows
-    reader = csv.reader(text.splitlines(keepends=True), delimiter=delimiter)
-    header = next(reader, None)
-    if header is None:
+    lines = physical_lines(text)
+    if not lines:
         raise DataFormatError(f"{path}: empty file (no header)")
-
-    def rows():
-        while True:
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                yield reader.line_num, exc
-                continue
-            yield reader.line_num, row
-    return header, rows()
+    header = _parse_line(lines[0], delimiter)
+    if isinstance(header, Exception):
+        raise DataFormatError(f"{path}:1: unreadable header: {header}")
+    if one_line_per_row:
+        return header, ((n, _parse_line(line, delimiter)) for n, line in enumerate(lines[1:], start=2))
+    return header, _quoted_rows(lines, delimiter)
 
 
 def _columns_present(path: Path, columns: list[str], wanted: tuple[str, ...], where: str = "") -> None:
@@ -256,20 +292,26 @@ def _records(spec: Task, path: Path, split: str, wanted: tuple[str, ...]):
         return _parquet_rows(path, wanted)
     if spec.file_format == "datasets":
         return _dataset_rows(spec, path, split, wanted)
-    return "line", _text_records(spec, path, _decode(path), wanted)
+    text = _decode(path)
+    if not text.strip("\r\n"):
+        raise DataFormatError(f"task {spec.name!r}: {split_key(split)} file {path} is empty")
+    return "line", _text_records(spec, path, text, wanted)
 
 
 def _text_records(spec: Task, path: Path, text: str, wanted: tuple[str, ...]):
     """Each row of a CSV, TSV or JSON Lines file as (line number, {column: cell} or the
     reason it is malformed)."""
     if spec.file_format == "jsonl":
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        for line_no, line in enumerate(physical_lines(text), start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 yield line_no, ValueError(f"not a JSON object ({exc.msg})")
+                continue
+            except (ValueError, RecursionError) as exc:  # an integer of > 4300 digits, nesting too deep
+                yield line_no, ValueError(f"not a usable JSON object ({type(exc).__name__}: {str(exc)[:80]})")
                 continue
             if not isinstance(record, dict):
                 yield line_no, ValueError("not a JSON object")
@@ -340,6 +382,9 @@ def read_split(
         if warn:
             for b in bad:
                 warnings.warn(f"skipped malformed row {b}", MalformedRowWarning, stacklevel=2)
+    if not examples:  # nothing to train on or to score: say which task and file
+        why = f"all {len(bad)} data row(s) are malformed" if bad else "it has no data row"
+        raise DataFormatError(f"task {spec.name!r}: {split_key(split)} file {path} holds no example ({why})")
     check_duplicate_ids(path, split, examples, warn=warn)  # robustness hook
     return Split(spec, split, path, examples, bad)
 

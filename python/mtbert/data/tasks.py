@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..limits import FRACTION, Limit
 from .metrics import classification_metrics, regression_metrics
 
 SPLITS = ("train", "dev", "test-student")
@@ -38,6 +39,17 @@ _EXTENSION_FORMATS = {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": 
                       ".parquet": "parquet", ".pq": "parquet"}
 # The split of a DatasetDict folder that each of our splits reads when none is declared.
 DATASET_SPLIT_NAMES = {"train": ("train",), "dev": ("validation", "dev"), "test-student": ("test",)}
+# The one declaration of a head's shape limits: a task's declaration ([tasks.NAME]), the
+# training options (extra_layers; a head's layers in all) and the checkpoint schema use them.
+HEAD_LAYERS = Limit(int, 0, 64)
+HEAD_DROPOUT = FRACTION
+# Classes of a classification task (the model's memory estimate bounds the head too).
+NUM_CLASSES = Limit(int, 2, 100_000)
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,13 @@ class HeadDefaults:
     dropout: float = 0.3
     hidden_layers: int = 0
     hidden_dropout: float = 0.3
+
+    def __post_init__(self):
+        found = [p for p in (HEAD_DROPOUT.problem("dropout", self.dropout),
+                             HEAD_LAYERS.problem("hidden_layers", self.hidden_layers),
+                             HEAD_DROPOUT.problem("hidden_dropout", self.hidden_dropout)) if p]
+        if found:
+            raise ValueError("; ".join(found))
 
 
 @dataclass(frozen=True)
@@ -93,6 +112,8 @@ class Task:
             problems.append(f"a split for a file that is not declared: {sorted(set(self.dataset_splits) - set(self.files))}")
         if self.kind == "classification" and self.num_classes < 2:
             problems.append("a classification task needs labels = [names] or num_classes >= 2")
+        elif self.kind == "classification" and NUM_CLASSES.problem("num_classes", self.num_classes):
+            problems.append(NUM_CLASSES.problem("num_classes", self.num_classes))
         if self.kind == "binary" and self.num_classes != 2:
             problems.append("a binary task has exactly two classes")
         if self.label_names and len(self.label_names) != self.num_classes:
@@ -140,16 +161,18 @@ class Task:
             raise ValueError(f"unparsable label {raw!r}")
         try:
             value = float(raw)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float's range
             names = f" (names: {', '.join(self.label_names)})" if self.label_names else ""
-            raise ValueError(f"unparsable label {raw!r}{names}") from None
+            raise ValueError(f"unparsable label {_short(raw)}{names}") from None
+        if not math.isfinite(value):  # "inf", "nan", "1e400", a 400-digit integer
+            raise ValueError(f"label {_short(raw)} is not a finite number")
         if self.is_regression:
             lo, hi = self.label_range
             if not lo <= value <= hi:
                 raise ValueError(f"label {value} outside [{lo}, {hi}]")
             return value
         if value != int(value) or not 0 <= value < self.num_classes:
-            raise ValueError(f"label {raw!r} is not a class in 0..{self.num_classes - 1}")
+            raise ValueError(f"label {_short(raw)} is not a class in 0..{self.num_classes - 1}")
         return int(value)
 
     @property
@@ -363,50 +386,76 @@ def define_task(name: str, spec: dict, *, base_dir: Optional[Path] = None) -> Ta
     unknown = sorted(set(spec) - set(TASK_KEYS))
     if unknown:
         raise ValueError(f"task {name!r}: unknown key(s) {unknown}; keys: {', '.join(TASK_KEYS)}")
+    def fail(message: str):
+        raise ValueError(f"task {name!r}: {message}")
+
+    def typed(key: str, ok, what: str, default=None):
+        """spec[key] if it has the declared type (else one line naming the key)."""
+        if key not in spec:
+            return default
+        value = spec[key]
+        if not ok(value):
+            fail(f"{key} must be {what}, got {_short(value)}")
+        return value
+
+    is_str = lambda v: isinstance(v, str)
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     kind = spec.get("kind")
     if kind not in DECLARED_KINDS:
-        raise ValueError(f"task {name!r}: kind must be one of {', '.join(DECLARED_KINDS)}, got {kind!r}")
-    text = spec.get("text", ["text"])
+        fail(f"kind must be one of {', '.join(DECLARED_KINDS)}, got {_short(kind)}")
+    text = typed("text", lambda v: is_str(v) or (isinstance(v, list) and 1 <= len(v) <= 2 and all(map(is_str, v))),
+                 "a column name or a list of one or two", "text")
     text = [text] if isinstance(text, str) else list(text)
     pair = kind.startswith("pair-")
     if pair != (len(text) == 2):
-        raise ValueError(f"task {name!r}: kind {kind!r} needs {'two text columns' if pair else 'one text column'}, "
-                         f"got text = {text}")
+        fail(f"kind {kind!r} needs {'two text columns' if pair else 'one text column'}, got text = {text}")
     kind = kind.removeprefix("pair-")
     files, dataset_splits = {}, {}
     for key, split in (("train", "train"), ("dev", "dev"), ("test", "test-student")):
-        if key in spec:
-            value = spec[key]
+        value = typed(key, lambda v: (is_str(v) and v.strip() != "") or isinstance(v, dict),
+                      'a file name or { path = "FOLDER", split = "NAME" }')
+        if value is not None:
             if isinstance(value, dict):  # { path = "folder", split = "train" }: one split of a DatasetDict
-                if set(value) != {"path", "split"} or not all(isinstance(v, str) for v in value.values()):
-                    raise ValueError(f"task {name!r}: {key} is a file name or {{ path = \"FOLDER\", split = \"NAME\" }}, "
-                                     f"got {value!r}")
+                if set(value) != {"path", "split"} or not all(is_str(v) and v.strip() for v in value.values()):
+                    fail(f'{key} is a file name or {{ path = "FOLDER", split = "NAME" }}, got {_short(value)}')
                 value, dataset_splits[split] = value["path"], value["split"]
-            files[split] = str((Path(base_dir or ".") / Path(str(value)).expanduser()).absolute())
+            # resolved: no "..", so renaming a folder on the way does not break a resume
+            files[split] = str((Path(base_dir or ".") / Path(value).expanduser()).resolve())
     if "train" not in files or "dev" not in files:
-        raise ValueError(f"task {name!r}: train = \"FILE\" and dev = \"FILE\" are needed")
-    formats = {spec["format"]} if "format" in spec else {
+        fail("train = \"FILE\" and dev = \"FILE\" are needed")
+    file_format = typed("format", lambda v: v in FILE_FORMATS, f"one of {', '.join(FILE_FORMATS)}")
+    formats = {file_format} if file_format else {
         "datasets" if split in dataset_splits or Path(f).is_dir() else _EXTENSION_FORMATS.get(Path(f).suffix.lower())
         for split, f in files.items()}
     if len(formats) != 1 or None in formats:
-        raise ValueError(f"task {name!r}: cannot tell the file format from the names {sorted(files.values())}; "
-                         f"set format = one of {', '.join(FILE_FORMATS)}")
-    names = tuple(str(n) for n in spec.get("labels", ()))
-    num_classes = int(spec.get("num_classes", len(names) or (2 if kind == "binary" else 0)))
-    if kind == "regression" and (names or "num_classes" in spec):
-        raise ValueError(f"task {name!r}: a regression task has a range, not labels or num_classes")
+        fail(f"cannot tell the file format from the names {sorted(files.values())}; "
+             f"set format = one of {', '.join(FILE_FORMATS)}")
+    names = tuple(typed("labels", lambda v: isinstance(v, list) and all(is_str(n) and n.strip() for n in v),
+                        "a list of class names", ()))
+    given_classes = typed("num_classes", lambda v: NUM_CLASSES.problem("num_classes", v) is None,
+                          f"an integer {NUM_CLASSES.describe()}")
+    num_classes = given_classes if given_classes is not None else (len(names) or (2 if kind == "binary" else 0))
+    if kind == "regression" and (names or given_classes is not None):
+        fail("a regression task has a range, not labels or num_classes")
     if kind != "regression" and "range" in spec:
-        raise ValueError(f"task {name!r}: range is for regression tasks")
-    label_range = tuple(float(v) for v in spec.get("range", (0.0, 0.0)))
-    if len(label_range) != 2:
-        raise ValueError(f"task {name!r}: range = [low, high]")
-    head = HeadDefaults(dropout=float(spec.get("dropout", 0.3)), hidden_layers=int(spec.get("hidden_layers", 0)))
-    return Task(name=name, kind=kind, text_columns=tuple(text), label_column=str(spec.get("label", "label")),
-                files=files, file_format=formats.pop(), dataset_splits=dataset_splits, id_column=spec.get("id"),
+        fail("range is for regression tasks")
+    label_range = typed("range", lambda v: isinstance(v, list) and len(v) == 2 and all(map(is_number, v)),
+                        "[low, high], two numbers", [0.0, 0.0])
+    label_range = tuple(float(v) for v in label_range)
+    dropout = typed("dropout", lambda v: HEAD_DROPOUT.problem("dropout", v) is None,
+                    f"a number {HEAD_DROPOUT.describe()}", 0.3)
+    layers = typed("hidden_layers", lambda v: HEAD_LAYERS.problem("hidden_layers", v) is None,
+                   f"an integer {HEAD_LAYERS.describe()}", 0)
+    label = typed("label", is_str, "a column name", "label")
+    id_column = typed("id", is_str, "a column name")
+    write_names = typed("write_names", lambda v: isinstance(v, bool), "true or false", bool(names))
+    prediction_column = typed("prediction_column", is_str, "a column name", "Prediction")
+    title = typed("title", is_str, "a string", name)
+    return Task(name=name, kind=kind, text_columns=tuple(text), label_column=label,
+                files=files, file_format=formats.pop(), dataset_splits=dataset_splits, id_column=id_column,
                 num_classes=num_classes if kind != "regression" else 0, label_range=label_range,
-                label_names=names, write_label_names=bool(spec.get("write_names", bool(names))),
-                prediction_column=str(spec.get("prediction_column", "Prediction")), head=head,
-                title=str(spec.get("title", name)))
+                label_names=names, write_label_names=write_names, prediction_column=prediction_column,
+                head=HeadDefaults(dropout=float(dropout), hidden_layers=layers), title=title)
 
 
 def uses_data_dir(names) -> bool:

@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..limits import memory_problem
+
 # Keys without a BERT default: a config lacking any of them is not a BERT config.
 REQUIRED_KEYS = (
     "vocab_size",
@@ -84,8 +86,20 @@ class BertConfig:
             problems.append(
                 f"pad_token_id ({self.pad_token_id}) is outside the vocabulary (size {self.vocab_size})"
             )
+        if not problems:  # sizes that parse but cannot be allocated: refused before building
+            problem = memory_problem("the encoder", self.parameter_count())
+            if problem:
+                problems.append(problem)
         if problems:
             raise ValueError("invalid BERT config: " + "; ".join(problems))
+
+    def parameter_count(self) -> int:
+        """Parameters of BertModel with this config (embeddings, layers, pooler), computed
+        without building it."""
+        H, I = self.hidden_size, self.intermediate_size
+        embeddings = (self.vocab_size + self.max_position_embeddings + self.type_vocab_size) * H + 2 * H
+        layer = 4 * (H * H + H) + 2 * H + (H * I + I) + (I * H + H) + 2 * H
+        return embeddings + self.num_hidden_layers * layer + H * H + H
 
     @property
     def head_size(self) -> int:

@@ -17,7 +17,8 @@ from torch import nn
 from .config import BertConfig
 from ..data.batches import TaskBatch
 from .bert import BertModel
-from ..data.tasks import BUILTIN_TASKS, get_task, register_saved, saved_definitions
+from ..data.tasks import BUILTIN_TASKS, HEAD_DROPOUT, HEAD_LAYERS, get_task, register_saved, saved_definitions
+from ..limits import memory_problem
 
 POOLINGS = ("mean", "cls", "pooler")
 PAIR_ENCODINGS = ("joint", "separate")
@@ -68,8 +69,30 @@ class MultitaskConfig:
         }
         for name in self.tasks:
             self.heads.setdefault(name, default_head(name))
-            if self.heads[name].activation not in ACTIVATIONS:
-                raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.heads[name].activation!r}")
+            head = self.heads[name]
+            if head.activation not in ACTIVATIONS:
+                raise ValueError(f"activation must be one of {ACTIVATIONS}, got {head.activation!r}")
+            # the limits a task's declaration and the training options use (data.tasks)
+            found = [p for p in (HEAD_DROPOUT.problem(f"the {name} head's dropout", head.dropout),
+                                 HEAD_LAYERS.problem(f"the {name} head's hidden_layers", head.hidden_layers),
+                                 HEAD_DROPOUT.problem(f"the {name} head's hidden_dropout", head.hidden_dropout))
+                     if p]
+            if found:
+                raise ValueError("; ".join(found))
+        encoder = BertConfig.from_dict(self.encoder)  # checks the encoder's own size too
+        problem = memory_problem("the model", encoder.parameter_count() + self.head_parameter_count(encoder))
+        if problem:
+            raise ValueError(problem)
+
+    def head_parameter_count(self, encoder: BertConfig) -> int:
+        """Parameters of every task head, computed without building them."""
+        H, total = encoder.hidden_size, 0
+        for name in self.tasks:
+            width = 4 * H if get_task(name).is_pair and self.pair_encoding == "separate" else H
+            layers = self.heads[name].hidden_layers
+            total += (layers > 0) * (width * H + H) + max(layers - 1, 0) * (H * H + H)
+            total += (H if layers else width) * output_size(name) + output_size(name)
+        return total
 
     def to_dict(self) -> dict:
         return asdict(self)

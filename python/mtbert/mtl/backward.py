@@ -44,10 +44,19 @@ def _trainable(params, what: str) -> list[Tensor]:
 def method_weights(method: Method, G: np.ndarray, order=None) -> np.ndarray:
     """The method's (T,) float64 weights for Gram matrix ``G`` (``order``: explicit orders
     for the methods that visit tasks in an order)."""
-    w = method.weights(G, order=order) if order is not None else method.weights(G)
+    method.check_tasks(G.shape[0])
+    if not np.isfinite(G).all():
+        raise ValueError(f"{method.name}: the Gram matrix is not finite (gradient norms above about 1e154)")
+    try:
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = method.weights(G, order=order) if order is not None else method.weights(G)
+    except np.linalg.LinAlgError as exc:  # e.g. an eigen-solver that fails near float64's range
+        raise ValueError(f"{method.name}: the weights cannot be computed from this Gram matrix ({exc}); "
+                         f"its largest entry is {np.abs(G).max():.3g}") from None
     w = np.asarray(w, dtype=np.float64)
     if not np.isfinite(w).all():  # never expected: the methods guard their divisions
-        raise ValueError(f"{method.name}: non-finite weights {w.tolist()} from Gram matrix {G.tolist()}")
+        raise ValueError(f"{method.name}: non-finite weights from a Gram matrix whose largest entry is "
+                         f"{np.abs(G).max():.3g}")
     return w
 
 
@@ -185,7 +194,7 @@ class MultiTaskBackward:
         if self.backend == "native":
             G = gram(self.buffer)
             w = method_weights(self.method, G)
-            combine(self.buffer, w, out=self.result)
+            combine(self.buffer, w, out=self.result, check_finite=False)
         else:
             G = gram_torch(self.buffer)
             w = method_weights(self.method, G)

@@ -89,7 +89,11 @@ def gram(grads: Union[Tensor, np.ndarray], *, num_threads: int = 0) -> np.ndarra
     grads = grads.detach()
     if native_ok(grads):
         return _native.gram(grads.numpy(), num_threads=num_threads)
-    return gram_torch(grads if grads.is_contiguous() else grads.contiguous())
+    G = gram_torch(grads if grads.is_contiguous() else grads.contiguous())
+    if not np.isfinite(G).all():  # finite float64 values whose products overflow (norms above ~1e154)
+        raise ValueError("the Gram matrix of grads overflows float64 (a gradient norm above about 1e154); "
+                         "scale the gradients down")
+    return G
 
 
 def check_weights(weights, num_tasks: int) -> np.ndarray:
@@ -127,16 +131,34 @@ def combine(
     *,
     out: Optional[Union[Tensor, np.ndarray]] = None,
     num_threads: int = 0,
+    check_finite: bool = True,
 ) -> Union[Tensor, np.ndarray]:
     """(P,) ``sum_k weights[k] * grads[k]`` in ``grads``' dtype, float64 accumulation;
-    into ``out`` when given (and returned)."""
+    into ``out`` when given (and returned). A result that is not finite in ``grads``' dtype
+    (float16 overflows above 65504) raises ValueError unless ``check_finite`` is False
+    (training checks the gradient norm itself: mtbert.training.finite)."""
     if isinstance(grads, np.ndarray):
-        return _native.combine(grads, weights, out=out, num_threads=num_threads)
-    check_grads(grads)
-    w = check_weights(weights, grads.shape[0])
-    grads = grads.detach()
-    if native_ok(grads) and (out is None or native_ok(out)):
-        result = _native.combine(grads.numpy(), w, out=None if out is None else out.detach().numpy(),
-                                 num_threads=num_threads)
-        return out if out is not None else torch.from_numpy(result)
-    return combine_torch(grads, w, out)
+        result = _native.combine(grads, weights, out=out, num_threads=num_threads)
+    else:
+        check_grads(grads)
+        w = check_weights(weights, grads.shape[0])
+        grads = grads.detach()
+        if out is not None and not isinstance(out, Tensor):
+            raise ValueError(f"out must be a torch.Tensor like grads, got {type(out).__name__}")
+        if native_ok(grads) and (out is None or native_ok(out)):
+            result = _native.combine(grads.numpy(), w, out=None if out is None else out.detach().numpy(),
+                                     num_threads=num_threads)
+            result = out if out is not None else torch.from_numpy(result)
+        else:
+            result = combine_torch(grads, w, out)
+    if check_finite:
+        check_finite_result(result, grads.dtype)
+    return result
+
+
+def check_finite_result(d, dtype) -> None:
+    """ValueError unless every value of the combined gradient ``d`` is finite."""
+    finite = torch.isfinite(d).all() if isinstance(d, Tensor) else np.isfinite(d).all()
+    if not bool(finite):
+        raise ValueError(f"the combined gradient is not finite in {dtype} (it overflows the dtype's range); "
+                         "scale the gradients down or use a wider dtype")

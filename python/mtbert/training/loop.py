@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import runfolder
 from ..config import TrainConfig
+from ..errors import CheckpointError
 from . import distributed, start
 from .distributed import say
 from .finish import finish_run
@@ -66,6 +67,10 @@ def _train_locked(cfg: TrainConfig, *, resume: bool) -> dict:
     if resume:
         state = load_resume_state(run.out, run.model, run.optimizer, run.samplers, run.combiner)
         run.step = state["step"]
+        if run.step > run.total_steps or (state["best_step"] is not None and state["best_step"] > run.step):
+            # robustness hook: a crafted or foreign training_state.json
+            raise CheckpointError(f"{run.out / 'last'}: the saved step {run.step} (best step "
+                                  f"{state['best_step']}) does not fit this run of {run.total_steps} steps")
         run.provenance.resumed_from(state.get("provenance"))  # wall time adds up over the parts
         run.dist.restore_rng(state["rng_tensors"], cfg.seed, run.step)  # [ddp] each rank's own RNG
     resume_step = run.step if resume else None

@@ -60,6 +60,9 @@ class Method:
     # (training runs the method then too; the others leave such a step to the plain sum)
     weighs_every_step: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
+    # The most tasks the method's T x T work takes in a few seconds (None: the engine's 512,
+    # mtbert._native.MAX_TASKS); see docs/methods.md#limits.
+    max_tasks: ClassVar[Optional[int]] = None
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.params))
@@ -71,6 +74,13 @@ class Method:
             problem = param.problem(key, self.options[key])
             if problem:
                 raise ValueError(problem)
+
+    @classmethod
+    def check_tasks(cls, num_tasks: int) -> None:
+        """ValueError when the method is asked for more tasks than its declared limit."""
+        if cls.max_tasks is not None and num_tasks > cls.max_tasks:
+            raise ValueError(f"{cls.name} takes at most {cls.max_tasks} tasks (its T x T subproblem grows "
+                             f"too slow beyond), got {num_tasks}")
 
     def setup(self, num_tasks: int) -> None:
         """Called once the number of tasks is known, before the first step (UW builds its

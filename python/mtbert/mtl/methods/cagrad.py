@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.optimize
 
-from ...limits import NON_NEGATIVE, Limit
+from ...limits import Limit
 from .base import Method, Param
 
 # A conflict-averse g_w shorter than this fraction of the longest gradient is 0
@@ -59,8 +59,11 @@ class CAGrad(Method):
 
     name = "cagrad"
     gradient_based = True
+    # SLSQP on the simplex: ~0.1 s at T = 64 and ~20 s at T = 128 (one thread; docs/methods.md)
+    max_tasks = 64
 
-    params = {"c": Param(0.4, NON_NEGATIVE), "rescale": Param(1, Limit(int, 0, 2))}
+    # c: the paper uses 0.1-0.9; far beyond, the subproblem's scale leaves float64's range
+    params = {"c": Param(0.4, Limit(float, 0.0, 100.0)), "rescale": Param(1, Limit(int, 0, 2))}
 
     def weights(self, G):
         T, c = G.shape[0], float(self.options["c"])

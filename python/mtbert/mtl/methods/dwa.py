@@ -27,6 +27,9 @@ class DWA(Method):
         self.count = 0
 
     def current_weights(self, T: int) -> np.ndarray:
+        if self.history and len(self.history[-1]) != T:
+            raise ValueError(f"dwa was fed the losses of {len(self.history[-1])} tasks, now {T}; "
+                             "use a new method object for other tasks")
         if len(self.history) < 2:
             return np.ones(T)
         prev, last = (np.array(h, dtype=np.float64) for h in self.history)  # None -> NaN
@@ -43,6 +46,10 @@ class DWA(Method):
         return w
 
     def _record(self, losses: list[float]) -> None:
+        known = len(self.running) if self.running is not None else (len(self.history[-1]) if self.history else None)
+        if known is not None and len(losses) != known:  # a history of other tasks would mix them up
+            raise ValueError(f"dwa was fed the losses of {known} tasks, now {len(losses)}; "
+                             "use a new method object for other tasks")
         if self.running is None:
             self.running = [[0.0, 0] for _ in losses]  # per task: loss sum, steps with a loss
         for acc, l in zip(self.running, losses):

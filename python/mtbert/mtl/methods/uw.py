@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ...limits import FINITE
+from ...limits import Limit
 from .base import Method, Param, loss_values
 
 
@@ -18,7 +18,8 @@ class UW(Method):
     sigma_i^2 (LibMTL's form), each starting at ``init``."""
 
     name = "uw"
-    params = {"init": Param(0.0, FINITE)}
+    # exp(-s) of float32 overflows beyond |s| ~ 88; the weights stay within 1e-22..1e22 here
+    params = {"init": Param(0.0, Limit(float, -50.0, 50.0))}
 
     def __init__(self, num_tasks: Optional[int] = None, **options):
         super().__init__(**options)
@@ -29,6 +30,9 @@ class UW(Method):
     def setup(self, num_tasks: int) -> None:
         if self.log_vars is None:
             self.log_vars = torch.nn.Parameter(torch.full((num_tasks,), float(self.options["init"])))
+        elif self.log_vars.numel() != num_tasks:  # one log-variance per task, fixed at the start
+            raise ValueError(f"uw has the log-variances of {self.log_vars.numel()} tasks, got {num_tasks}; "
+                             "use a new method object for other tasks")
 
     def loss_weights(self, losses):
         self.setup(len(losses))
