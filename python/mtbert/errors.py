@@ -46,3 +46,8 @@ class DistributedError(RuntimeError):
 
 class RunFolderError(ValueError):
     """The run folder cannot be used: it is locked by another run, or cannot be created (mtbert.checkpoint.runfolder)."""
+
+
+class MissingExtraError(ValueError):
+    """An optional integration is used but its extra is not installed; the message names the
+    extra (`pip install 'mtbert[hf]'`)."""
