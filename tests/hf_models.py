@@ -26,7 +26,7 @@ def roberta_folder(folder: Path, data_dir: Path, seed: int = 0) -> Path:
 
     special = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, as RoBERTa's
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(_corpus(data_dir), vocab_size=1000, min_frequency=2, special_tokens=special,
+    bpe.train_from_iterator(_corpus(data_dir), vocab_size=2000, min_frequency=2, special_tokens=special,
                             show_progress=False)
     bpe.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
@@ -48,7 +48,7 @@ def deberta_folder(folder: Path, data_dir: Path, seed: int = 0) -> Path:
     wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wp.normalizer = normalizers.BertNormalizer(lowercase=True)
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    wp.train_from_iterator(_corpus(data_dir), trainers.WordPieceTrainer(vocab_size=1000, special_tokens=special,
+    wp.train_from_iterator(_corpus(data_dir), trainers.WordPieceTrainer(vocab_size=2000, special_tokens=special,
                                                                        show_progress=False))
     cls, sep = wp.token_to_id("[CLS]"), wp.token_to_id("[SEP]")
     wp.post_processor = processors.TemplateProcessing(
