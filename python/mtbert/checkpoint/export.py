@@ -60,6 +60,7 @@ class ExportResult:
     pooling: str
     sentence_transformers: bool  # whether the sentence-transformers files were written
     notes: list[str] = field(default_factory=list)
+    encoder: str = "BertModel"  # the transformers class that loads the encoder (RobertaModel, ...)
 
 
 def export_source(path) -> tuple[Path, str]:
@@ -110,7 +111,8 @@ def export_checkpoint(checkpoint, out, *, force: bool = False) -> ExportResult:
     out = Path(out).absolute()  # write_folder_atomically needs a name for its sibling temp folder
     model, meta, tokenizer = load_checkpoint(source)
     max_length = meta.get("train", {}).get("max_length", DEFAULT_MAX_LENGTH)
-    result = ExportResult(source, kind, out, model.config.pooling, sentence_transformers=True)
+    result = ExportResult(source, kind, out, model.config.pooling, sentence_transformers=True,
+                          encoder=type(getattr(model.bert, "model", model.bert)).__name__)
     try:
         mode = st_pooling_mode(model.config.pooling)
     except ValueError as exc:

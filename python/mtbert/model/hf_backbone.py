@@ -72,7 +72,7 @@ class HFBackbone(nn.Module):
         values = dict(encoder_config)
         model_type = values.pop("model_type")
         config = transformers.AutoConfig.for_model(model_type, **values)
-        return cls(transformers.AutoModel.from_config(config, dtype=torch.float32))
+        return cls(transformers.AutoModel.from_config(config))
 
     @property
     def has_pooler(self) -> bool:
