@@ -225,3 +225,18 @@ def test_missing_transformers_is_one_line_naming_the_extra(monkeypatch, hf_dirs,
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == (
         "error: this encoder needs transformers: pip install 'mtbert[hf]'")
+
+
+def test_schema_checks_the_recorded_backbone_and_transformers_config(tmp_path):
+    from mtbert.checkpoint.schema import validate_meta
+
+    meta = {"format": 1, "model": {"encoder": {"model_type": "roberta", "hidden_size": 32}, "tasks": ["sst"],
+                                   "heads": {}, "pooling": "mean", "pair_encoding": "joint", "backbone": "hf"},
+            "train": {}, "tokenizer": {"kind": "hf", "class": "TokenizersBackend"}}
+    assert validate_meta(meta, tmp_path / "mtbert.json") is meta
+    for damage, where in (({"encoder": {"hidden_size": 32}}, "model.encoder"), ({"backbone": "tf"}, "model.backbone")):
+        bad = {**meta, "model": {**meta["model"], **damage}}
+        with pytest.raises(ckpt.CheckpointError, match=where):
+            validate_meta(bad, tmp_path / "mtbert.json")
+    with pytest.raises(ckpt.CheckpointError, match="tokenizer.lowercase is missing"):
+        validate_meta({**meta, "tokenizer": {"kind": "bpe"}}, tmp_path / "mtbert.json")
