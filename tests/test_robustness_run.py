@@ -438,6 +438,7 @@ META_CORRUPTIONS = [
     ("model.encoder", None), ("step", -1), ("step", 1.5), ("step", DELETE), ("format", 2),
     ("tokenizer.lowercase", "yes"), ("train.max_length", 100000), ("train", 3),
     ("tokenizer.strip_accents", "no"), ("model.task_definitions", []), ("model.tasks", [""]),
+    ("model.backbone", "tf"), ("tokenizer", {"kind": "bpe"}),
 ]
 
 

@@ -435,6 +435,6 @@ def export_cmd(checkpoint, out, force):
     click.echo(f"exported {result.source} ({result.source_kind}) to {result.out}")
     st = (f"sentence-transformers with {result.pooling} pooling"
           if result.sentence_transformers else "no sentence-transformers files")
-    click.echo(f"transformers BertModel; {st}; task heads in {result.out / 'mtbert_heads'}")
+    click.echo(f"transformers {result.encoder}; {st}; task heads in {result.out / 'mtbert_heads'}")
     for note in result.notes:
         click.echo(f"warning: {note}", err=True)

@@ -50,4 +50,5 @@ class RunFolderError(ValueError):
 
 class MissingExtraError(ValueError):
     """An optional integration was asked for but its package is not installed; the message
-    names the extra to install, e.g. `pip install 'mtbert[tensorboard]'` (mtbert.extras)."""
+    names the extra to install, e.g. `pip install 'mtbert[tensorboard]'` or `'mtbert[hf]'`
+    (mtbert.extras)."""

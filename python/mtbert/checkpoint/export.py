@@ -2,9 +2,10 @@
 also a sentence-transformers model, with the task heads in mtbert's own format beside it.
 
     out/
-      config.json, model.safetensors        the fine-tuned encoder (transformers' BertModel)
-      vocab.txt, tokenizer_config.json,     its tokenizer (BertTokenizer, same settings)
-      special_tokens_map.json
+      config.json, model.safetensors        the fine-tuned encoder (transformers' BertModel, or
+                                            for --backbone hf the model's own save_pretrained)
+      vocab.txt, tokenizer_config.json,     its tokenizer (BertTokenizer, same settings; for
+      special_tokens_map.json               --backbone hf the tokenizer's own files)
       modules.json, sentence_bert_config.json,
       1_Pooling/config.json                 sentence-transformers: the run's pooling
       2_Dense/                              (pooling "pooler" only: the pooler as Dense + Tanh)
@@ -28,8 +29,9 @@ from safetensors.torch import save_file
 
 from . import format as ckpt
 from ..evaluation.inference import checkpoint_folder, load_checkpoint
-from ..model.bert import BertModel
+from ..model.backbone import load_encoder
 from ..model.multitask import MultitaskBert, MultitaskConfig
+from ..data.hf_tokenizer import HFTokenizer, load_tokenizer
 from ..data.tokenizer import WordPieceTokenizer
 
 HEADS_DIR = "mtbert_heads"
@@ -58,6 +60,7 @@ class ExportResult:
     pooling: str
     sentence_transformers: bool  # whether the sentence-transformers files were written
     notes: list[str] = field(default_factory=list)
+    encoder: str = "BertModel"  # the transformers class that loads the encoder (RobertaModel, ...)
 
 
 def export_source(path) -> tuple[Path, str]:
@@ -108,7 +111,8 @@ def export_checkpoint(checkpoint, out, *, force: bool = False) -> ExportResult:
     out = Path(out).absolute()  # write_folder_atomically needs a name for its sibling temp folder
     model, meta, tokenizer = load_checkpoint(source)
     max_length = meta.get("train", {}).get("max_length", DEFAULT_MAX_LENGTH)
-    result = ExportResult(source, kind, out, model.config.pooling, sentence_transformers=True)
+    result = ExportResult(source, kind, out, model.config.pooling, sentence_transformers=True,
+                          encoder=type(getattr(model.bert, "model", model.bert)).__name__)
     try:
         mode = st_pooling_mode(model.config.pooling)
     except ValueError as exc:
@@ -118,9 +122,12 @@ def export_checkpoint(checkpoint, out, *, force: bool = False) -> ExportResult:
         mode = None
 
     def fill(folder: Path) -> None:
-        model.bert.save_pretrained(folder)  # config.json (BertModel) + model.safetensors
-        shutil.copyfile(source / ckpt.VOCAB_FILE, folder / ckpt.VOCAB_FILE)
-        _write_tokenizer_files(folder, tokenizer, max_length)
+        model.bert.save_pretrained(folder)  # config.json (BertModel, or the model's own) + model.safetensors
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save_files(folder)  # the transformers tokenizer's own files
+        else:
+            shutil.copyfile(source / ckpt.VOCAB_FILE, folder / ckpt.VOCAB_FILE)
+            _write_tokenizer_files(folder, tokenizer, max_length)
         if mode is not None:
             _write_sentence_transformers_files(folder, model, mode, max_length)
         heads = folder / HEADS_DIR
@@ -178,7 +185,7 @@ def _write_sentence_transformers_files(folder: Path, model: MultitaskBert, mode:
 
 
 def load_export(folder, *, device: Optional[torch.device] = None
-                ) -> tuple[MultitaskBert, dict, WordPieceTokenizer]:
+                ) -> tuple[MultitaskBert, dict, WordPieceTokenizer | HFTokenizer]:
     """The MultitaskBert of an export folder (encoder + heads), its meta and tokenizer."""
     folder = Path(folder)
     heads = folder / HEADS_DIR
@@ -187,8 +194,8 @@ def load_export(folder, *, device: Optional[torch.device] = None
         config = MultitaskConfig.from_dict(meta["model"])
     except (TypeError, ValueError, KeyError) as exc:
         raise ckpt.CheckpointError(f"{heads / HEADS_META}: bad model configuration: {exc}") from None
-    model = MultitaskBert(config, encoder=BertModel.from_pretrained(folder))
+    model = MultitaskBert(config, encoder=load_encoder(folder, config.backbone))
     ckpt.load_state_into(model.heads, ckpt.load_tensors(heads / HEADS_FILE), heads / HEADS_FILE)
-    tokenizer = WordPieceTokenizer.from_pretrained(folder)
+    tokenizer = load_tokenizer(folder, config.backbone)
     model.to(device or torch.device("cpu")).eval()
     return model, meta, tokenizer

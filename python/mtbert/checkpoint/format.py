@@ -4,7 +4,9 @@ A checkpoint is a folder:
   model.safetensors        the MultitaskBert state dict
   mtbert.json              model and head configuration, tokenizer settings,
                            training configuration, metrics, step
-  vocab.txt                the vocabulary, so the folder is self-contained
+  vocab.txt                the vocabulary, so the folder is self-contained (a transformers
+                           encoder's checkpoint holds its tokenizer's own files instead:
+                           tokenizer.json, tokenizer_config.json, ...)
   training_state.*         (resume checkpoints only) optimizer moments, RNG
                            states and sampler positions
 
@@ -26,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from . import schema
+from ..data.hf_tokenizer import KIND as HF_TOKENIZER, HFTokenizer
 from ..data.tokenizer import WordPieceTokenizer
 from ..model.multitask import MultitaskBert, MultitaskConfig
 from ..errors import CheckpointError, CheckpointWriteError  # noqa: F401  (re-exported)
@@ -43,10 +46,16 @@ STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 
 
-def save_model_files(folder: Path, model: torch.nn.Module, meta: dict, vocab_path: Path) -> None:
+def save_model_files(folder: Path, model: torch.nn.Module, meta: dict, tokenizer) -> None:
+    """`tokenizer`: the run's tokenizer (a WordPieceTokenizer's vocab.txt is copied, a
+    transformers tokenizer writes its own files), or the path of a vocab.txt."""
     save_file(contiguous_state(model), str(folder / MODEL_FILE))
     write_json(folder / META_FILE, {"format": FORMAT_VERSION, **meta})
-    shutil.copyfile(vocab_path, folder / VOCAB_FILE)
+    if isinstance(tokenizer, HFTokenizer):
+        tokenizer.save_files(folder)
+    else:
+        vocab_path = tokenizer.vocab_path if isinstance(tokenizer, WordPieceTokenizer) else tokenizer
+        shutil.copyfile(vocab_path, folder / VOCAB_FILE)
 
 
 def read_meta(folder: Path) -> dict:
@@ -136,7 +145,7 @@ def checkpoint_folder(path) -> Path:
 
 
 def load_checkpoint(path, *, device: Optional[torch.device] = None
-                    ) -> tuple[MultitaskBert, dict, WordPieceTokenizer]:
+                    ) -> tuple[MultitaskBert, dict, WordPieceTokenizer | HFTokenizer]:
     folder = checkpoint_folder(path)
     meta = read_meta(folder)
     try:
@@ -145,11 +154,14 @@ def load_checkpoint(path, *, device: Optional[torch.device] = None
     except (TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{folder / META_FILE}: bad model configuration: {exc}") from None
     load_state_into(model, load_tensors(folder / MODEL_FILE), folder / MODEL_FILE)
+    settings = meta.get("tokenizer", {})
+    if settings.get("kind") == HF_TOKENIZER:  # a transformers tokenizer, from its files in the folder
+        model.to(device or torch.device("cpu")).eval()
+        return model, meta, HFTokenizer.from_pretrained(folder)
     vocab = folder / VOCAB_FILE
     if not vocab.is_file():
         raise CheckpointError(f"{folder} lacks {VOCAB_FILE}")
     # Every saved setting (checkpoints before strip_accents was saved hold lowercase only).
-    settings = meta.get("tokenizer", {})
     tokenizer = WordPieceTokenizer.from_file(vocab, lowercase=settings.get("lowercase", True),
                                              strip_accents=settings.get("strip_accents"))
     model.to(device or torch.device("cpu")).eval()

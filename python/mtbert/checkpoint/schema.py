@@ -17,6 +17,8 @@ from ..errors import CheckpointError
 from ..model.config import BertConfig
 from ..data.tasks import HEAD_DROPOUT, HEAD_LAYERS
 from ..limits import Limit
+from ..data.hf_tokenizer import KIND as HF_TOKENIZER
+from ..model.backbone import SAVED_BACKBONES, check_encoder_config
 from ..model.multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS, MultitaskConfig
 
 
@@ -156,7 +158,7 @@ def _model() -> Check:
     return obj({"encoder": dict_of(anything), "tasks": list_of(_task_name, min_len=1),
                 "heads": dict_of(_head()), "pooling": one_of(*POOLINGS),
                 "pair_encoding": one_of(*PAIR_ENCODINGS)},
-               {"task_definitions": dict_of(dict_of(anything))})
+               {"task_definitions": dict_of(dict_of(anything)), "backbone": one_of(*SAVED_BACKBONES)})
 
 
 def _step_of_a_training_run(meta, where):
@@ -171,7 +173,12 @@ def meta_schema() -> Check:
     # (train_config_for_resume), so evaluating a checkpoint does not depend on every option.
     max_length = declarations(TrainConfig)["max_length"].limit  # the range TrainConfig declares
     train = obj({}, {"max_length": integer(int(max_length.lo), int(max_length.hi))})
-    tokenizer = obj({"lowercase": boolean}, {"strip_accents": nullable(boolean)})
+    wordpiece = obj({"lowercase": boolean}, {"strip_accents": nullable(boolean)})
+    transformers_files = obj({"kind": one_of(HF_TOKENIZER)}, {"class": string})  # its files hold the rest
+
+    def tokenizer(value, where):
+        is_hf = isinstance(value, dict) and value.get("kind") == HF_TOKENIZER
+        (transformers_files if is_hf else wordpiece)(value, where)
     fields = obj({"format": one_of(1), "model": _model(), "train": train},
                  {"step": integer(0), "tokenizer": tokenizer, "overall": nullable(number(finite=False)),
                   "metrics": dict_of(dict_of(anything))})
@@ -205,7 +212,8 @@ def state_schema() -> Check:
 
 def _rebuild_configs(meta: dict) -> None:
     """The nested model configurations must also build (their dataclasses check ranges)."""
-    for key, build in (("model.encoder", lambda: BertConfig.from_dict(meta["model"]["encoder"])),
+    backbone = meta["model"].get("backbone", "minbert")
+    for key, build in (("model.encoder", lambda: check_encoder_config(backbone, meta["model"]["encoder"])),
                        ("model", lambda: MultitaskConfig.from_dict(meta["model"]))):
         try:
             build()

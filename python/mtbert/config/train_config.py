@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..data.tasks import HEAD_LAYERS, get_task, known_tasks, register_definitions
 from ..limits import FRACTION, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SEED, Limit
+from ..model.backbone import BACKBONES
 from ..model.multitask import ACTIVATIONS, PAIR_ENCODINGS, POOLINGS
 from ..mtl.methods import METHODS, Method, make_method, method_class
 from .options import choice_problems, method_option, option, problems
@@ -32,8 +33,8 @@ class TrainConfig:
     # ---- paths: where things are
     data_dir: Optional[str] = option(None, "Data directory (default: $MTBERT_DATA, ./data, then ../shared/data).",
                                      section="paths", kind="path")
-    model: Optional[str] = option(None, "HF-format BERT folder (default: the embedded all-MiniLM-L6-v2).",
-                                  section="paths", kind="path")
+    model: Optional[str] = option(None, "HF-format encoder folder: BERT, or any transformers encoder "
+                                  "(see --backbone; default: the embedded all-MiniLM-L6-v2).", section="paths", kind="path")
     out: str = option("runs/mtbert", "Output folder: checkpoints, metrics.jsonl, summary, predictions.",
                       section="paths", kind="dir")
     # ---- tasks and budget
@@ -114,6 +115,10 @@ class TrainConfig:
                              section="tasks", limit=Limit(int, 8, 512))
     bucket: bool = option(True, "Batch examples of similar length together (less padding).", section="tasks")
     # ---- model
+    # auto keeps minBERT (and its speed and bit-for-bit history) for every BERT folder it reads
+    backbone: str = option("auto", "Encoder implementation: minbert (ours), hf (transformers' AutoModel, any "
+                           "encoder; needs mtbert[hf]), or auto (minbert for BERT folders it reads, else hf).",
+                           section="model", choices=BACKBONES)
     pooling: str = option("mean", "Sentence embedding: mean of tokens, [CLS], or the pooler.",
                           section="model", choices=POOLINGS)
     pair_encoding: str = option("joint", "Pairs: joint ([CLS] A [SEP] B [SEP]) or separate ([u, v, |u-v|, u*v]).",

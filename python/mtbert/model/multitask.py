@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import BertConfig
 from ..data.batches import TaskBatch
-from .bert import BertModel
+from .backbone import SAVED_BACKBONES, build_encoder, has_pooler
+from .config import BertConfig
 from ..data.tasks import BUILTIN_TASKS, HEAD_DROPOUT, HEAD_LAYERS, get_task, register_saved, saved_definitions
 from ..limits import memory_problem
 
@@ -45,7 +45,7 @@ def default_heads(tasks=tuple(BUILTIN_TASKS)) -> dict[str, HeadConfig]:
 
 @dataclass
 class MultitaskConfig:
-    encoder: dict  # BertConfig.to_dict(): the encoder is rebuilt from this on load
+    encoder: dict  # the encoder's config.to_dict() (BertConfig or transformers'): rebuilt from this on load
     tasks: list[str] = field(default_factory=lambda: ["sst", "para", "sts"])
     heads: dict[str, HeadConfig] = field(default_factory=default_heads)
     pooling: str = "mean"  # MiniLM's pooler is untrained and it was trained with mean pooling
@@ -53,6 +53,9 @@ class MultitaskConfig:
     # Full definitions of the user tasks among `tasks` (tasks.Task.to_dict()), so a
     # checkpoint knows them without the config that declared them.
     task_definitions: dict = field(default_factory=dict)
+    # The encoder implementation (model/backbone.py): our minBERT, or transformers' AutoModel
+    # ("hf"). Checkpoints from before the choice existed are minBERT ones.
+    backbone: str = "minbert"
 
     def __post_init__(self):
         register_saved(self.task_definitions)
@@ -62,6 +65,8 @@ class MultitaskConfig:
             self.task_definitions = saved_definitions(self.tasks)
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.backbone not in SAVED_BACKBONES:
+            raise ValueError(f"backbone must be one of {SAVED_BACKBONES}, got {self.backbone!r}")
         if self.pair_encoding not in PAIR_ENCODINGS:
             raise ValueError(f"pair_encoding must be one of {PAIR_ENCODINGS}, got {self.pair_encoding!r}")
         self.heads = {
@@ -79,10 +84,11 @@ class MultitaskConfig:
                      if p]
             if found:
                 raise ValueError("; ".join(found))
-        encoder = BertConfig.from_dict(self.encoder)  # checks the encoder's own size too
-        problem = memory_problem("the model", encoder.parameter_count() + self.head_parameter_count(encoder))
-        if problem:
-            raise ValueError(problem)
+        if self.backbone == "minbert":  # a transformers encoder's config is checked by transformers
+            encoder = BertConfig.from_dict(self.encoder)  # checks the encoder's own size too
+            problem = memory_problem("the model", encoder.parameter_count() + self.head_parameter_count(encoder))
+            if problem:
+                raise ValueError(problem)
 
     def head_parameter_count(self, encoder: BertConfig) -> int:
         """Parameters of every task head, computed without building them."""
@@ -119,10 +125,14 @@ def build_head(in_features: int, hidden: int, out_features: int, cfg: HeadConfig
 
 
 class MultitaskBert(nn.Module):
-    def __init__(self, config: MultitaskConfig, encoder: Optional[BertModel] = None):
+    def __init__(self, config: MultitaskConfig, encoder: Optional[nn.Module] = None):
         super().__init__()
         self.config = config
-        self.bert = encoder if encoder is not None else BertModel(BertConfig.from_dict(config.encoder))
+        # minBERT's BertModel, or any encoder with its interface (model/backbone.py)
+        self.bert = encoder if encoder is not None else build_encoder(config.backbone, config.encoder)
+        if config.pooling == "pooler" and not has_pooler(self.bert):
+            raise ValueError(f"this encoder ({config.encoder.get('model_type', '?')}) has no pooler; "
+                             "use --pooling mean or cls")
         hidden = self.bert.config.hidden_size
         self.heads = nn.ModuleDict()
         for task in config.tasks:

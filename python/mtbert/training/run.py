@@ -15,9 +15,10 @@ from ..config import TrainConfig, device_problem
 from ..data.batches import EncodedSplit, TaskSampler, encode_split
 from ..data.readers import evenly_spaced, load_split, resolve_data_dir, split_holdout
 from ..data.tasks import get_task, uses_data_dir
+from ..data.hf_tokenizer import HFTokenizer, load_tokenizer
 from ..data.tokenizer import WordPieceTokenizer
 from ..evaluation.evaluate import cache_features
-from ..model.bert import BertModel
+from ..model.backbone import load_encoder, pick_backbone
 from ..model.multitask import MultitaskBert, MultitaskConfig, default_head
 from ..model.optim import AdamW
 from ..model.pretrained import resolve_model_dir
@@ -61,7 +62,7 @@ def task_probabilities(sizes: dict[str, int], sampling: str, temperature: float)
     return p / p.sum()
 
 
-def build_model_config(cfg: TrainConfig, encoder_config: dict) -> MultitaskConfig:
+def build_model_config(cfg: TrainConfig, encoder_config: dict, backbone: str = "minbert") -> MultitaskConfig:
     heads = {}
     for task in cfg.tasks:
         head = heads[task] = default_head(task)
@@ -70,7 +71,7 @@ def build_model_config(cfg: TrainConfig, encoder_config: dict) -> MultitaskConfi
         head.hidden_layers += cfg.extra_layers
         head.activation = cfg.activation
     return MultitaskConfig(encoder=encoder_config, tasks=list(cfg.tasks), heads=heads,
-                           pooling=cfg.pooling, pair_encoding=cfg.pair_encoding)
+                           pooling=cfg.pooling, pair_encoding=cfg.pair_encoding, backbone=backbone)
 
 
 @dataclass
@@ -83,7 +84,7 @@ class RunData:
     holdout: dict[str, EncodedSplit] = field(default_factory=dict)
 
 
-def load_run_data(cfg: TrainConfig, tokenizer: WordPieceTokenizer, data_dir: Path) -> RunData:
+def load_run_data(cfg: TrainConfig, tokenizer: WordPieceTokenizer | HFTokenizer, data_dir: Path) -> RunData:
     """Each task's training and dev splits, tokenized. With --holdout N the held-out rows are
     taken from the whole training file first (the same rows whatever --train-limit and the
     seed), and --train-limit then keeps rows of the rest."""
@@ -118,7 +119,7 @@ class Run:
     device: torch.device
     precision: str  # "fp32", "bf16" or "fp16" (autocast)
     data_dir: Optional[Path]  # the handout data directory (None: no task needs it)
-    tokenizer: WordPieceTokenizer
+    tokenizer: WordPieceTokenizer | HFTokenizer  # HFTokenizer with --backbone hf
     data: RunData
     model: MultitaskBert
     trainable: list[torch.nn.Parameter]
@@ -164,8 +165,10 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
     # data: each split tokenized once, kept as padded arrays; the handout data directory
     # is needed only by tasks whose files are named relative to it (the built-ins)
     data_dir = resolve_data_dir(cfg.data_dir) if uses_data_dir(cfg.tasks) else None
-    model_dir = resolve_model_dir(cfg.model)
-    tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
+    # the encoder: minBERT, or transformers' AutoModel (--backbone; "auto" is resolved here)
+    backbone = pick_backbone(cfg.backbone, cfg.model)
+    model_dir = resolve_model_dir(cfg.model) if backbone == "minbert" or cfg.model is None else Path(cfg.model)
+    tokenizer = load_tokenizer(model_dir, backbone)
     t0 = time.time()
     data = load_run_data(cfg, tokenizer, data_dir)
     sizes = {t: len(d) for t, d in data.train.items()}
@@ -180,8 +183,8 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
             say(f"{task}: {n} example(s) truncated to {cfg.max_length} tokens")
 
     # model: the pretrained encoder plus fresh heads
-    encoder = BertModel.from_pretrained(model_dir)
-    model = MultitaskBert(build_model_config(cfg, encoder.config.to_dict()), encoder)
+    encoder = load_encoder(model_dir, backbone)
+    model = MultitaskBert(build_model_config(cfg, encoder.config.to_dict(), backbone), encoder)
     if cfg.freeze_encoder:
         model.bert.requires_grad_(False)
     model.to(device)

@@ -19,7 +19,7 @@ def save_best(run: Run, metrics: dict, scores: dict) -> None:
     if not run.dist.is_main:  # [ddp] rank 0 alone writes checkpoints
         return
     ckpt.write_folder_atomically(run.out / "best", lambda folder: ckpt.save_model_files(
-        folder, run.model, {**run.checkpoint_meta(), "metrics": metrics, **scores}, run.tokenizer.vocab_path))
+        folder, run.model, {**run.checkpoint_meta(), "metrics": metrics, **scores}, run.tokenizer))
 
 
 def save_last(run: Run, evaluator: "Evaluator", train_log: Optional["TrainLog"] = None) -> None:
@@ -43,7 +43,7 @@ def save_last(run: Run, evaluator: "Evaluator", train_log: Optional["TrainLog"] 
         info["log_window"] = train_log.window_state()
 
     def fill(folder: Path) -> None:
-        ckpt.save_model_files(folder, run.model, run.checkpoint_meta(), run.tokenizer.vocab_path)
+        ckpt.save_model_files(folder, run.model, run.checkpoint_meta(), run.tokenizer)
         ckpt.save_training_state(folder, tensors, info)
     ckpt.write_folder_atomically(run.out / "last", fill)
 
