@@ -196,7 +196,7 @@ def test_a_resume_step_beyond_the_run_is_refused(tmp_path, finished_run, key, va
     ({"kind": "binary", "write_names": "false"}, "write_names must be true or false"),
     ({"kind": "binary", "format": "xml"}, "format must be one of tsv, csv, jsonl"),
     ({"kind": "binary", "dropout": 1.5}, "dropout must be a number >= 0 and < 1"),
-    ({"kind": "binary", "train": 5}, "train must be a file name, got 5"),
+    ({"kind": "binary", "train": 5}, 'train must be a file name or { path = "FOLDER", split = "NAME" }, got 5'),
     ({"kind": "binary", "train": ""}, "train must be a file name"),
     ({"kind": "binary", "id": ["x"]}, "id must be a column name"),
 ])

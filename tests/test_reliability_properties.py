@@ -47,7 +47,7 @@ START_ONLY = textwrap.dedent("""
     from mtbert.model.config import BertConfig
     from mtbert.training.run import build_model_config, load_run_data
 
-    def start(cfg, resume=False):
+    def start(cfg, resume=False, overwrite=False):
         tokenizer = WordPieceTokenizer.from_pretrained(Path(cfg.model))
         data_dir = resolve_data_dir(cfg.data_dir) if uses_data_dir(cfg.tasks) else None
         load_run_data(cfg, tokenizer, data_dir)
