@@ -82,3 +82,45 @@ def tiny_config(tmp_path: Path, tiny_model_dir: Path, data_dir: Path, **override
                   lr=1e-3, warmup=0.0, save_every=4, log_every=2, progress=False, predict=False)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+class Interrupted(Exception):
+    """A run stopped on purpose in a test, as a kill would stop it."""
+
+
+def stop_after_first_checkpoint(cfg, monkeypatch) -> None:
+    """Train `cfg` until its first resume checkpoint (last/) is written, then stop there."""
+    from mtbert.checkpoint import format as ckpt
+    from mtbert.training import train
+
+    real_write = ckpt.write_folder_atomically
+
+    def write_then_stop(folder, fill):
+        real_write(folder, fill)
+        if Path(folder).name == "last":
+            raise Interrupted
+
+    monkeypatch.setattr(ckpt, "write_folder_atomically", write_then_stop)
+    with pytest.raises(Interrupted):
+        train(cfg)
+    monkeypatch.setattr(ckpt, "write_folder_atomically", real_write)
+
+
+def rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of the workers a torchrun process (pid `parent`) started, read from their
+    environment in /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != parent:
+                continue
+            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in kv)
+        except (OSError, IndexError, ValueError):
+            continue
+        if "RANK" in env:
+            found[int(env["RANK"])] = int(entry.name)
+    return found

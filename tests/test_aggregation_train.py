@@ -18,7 +18,7 @@ from mtbert.checkpoint import format as ckpt
 from mtbert.cli import train_cmd
 from mtbert.training import TrainConfig, train
 
-from conftest import tiny_config
+from conftest import stop_after_first_checkpoint, tiny_config
 
 
 def read_log(out: Path) -> list[dict]:
@@ -68,9 +68,6 @@ def test_method_options_are_flags_saved_in_the_checkpoint(tmp_path, tiny_model_d
         TrainConfig(combine="cagrad", cagrad_c=-1.0)
 
 
-class Interrupt(Exception):
-    pass
-
 
 @pytest.mark.parametrize("method", ["gradvac", "uw", "rlw"])
 def test_resume_restores_the_method_state(tmp_path, tiny_model_dir, data_dir, monkeypatch, method):
@@ -79,17 +76,7 @@ def test_resume_restores_the_method_state(tmp_path, tiny_model_dir, data_dir, mo
     train(whole)
 
     cut = tiny_config(tmp_path / "cut", tiny_model_dir, data_dir, **options)
-    real_write = ckpt.write_folder_atomically
-
-    def write_then_stop(folder, fill):  # the run dies right after its step-2 checkpoint
-        real_write(folder, fill)
-        if Path(folder).name == "last":
-            raise Interrupt
-
-    monkeypatch.setattr(ckpt, "write_folder_atomically", write_then_stop)
-    with pytest.raises(Interrupt):
-        train(cut)
-    monkeypatch.setattr(ckpt, "write_folder_atomically", real_write)
+    stop_after_first_checkpoint(cut, monkeypatch)  # the run dies right after it
     state_file = Path(cut.out) / "last" / ckpt.STATE_JSON
     state = json.loads(state_file.read_text())
     assert state["step"] == 2 and state["aggregation"]["method"] == method

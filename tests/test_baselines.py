@@ -23,7 +23,7 @@ from mtbert.training import step as step_module
 from mtbert.training.run import build_run, load_run_data, task_probabilities
 from mtbert.training.step import backward, forward_losses, next_batches, step_tasks
 
-from conftest import tiny_config
+from conftest import stop_after_first_checkpoint, tiny_config
 
 
 def read_log(out: Path) -> list[dict]:
@@ -140,9 +140,6 @@ def test_scalefree_state_round_trips_through_json():
     assert np.array_equal(got, expected) and resumed.state_dict() == whole.state_dict()
 
 
-class Interrupt(Exception):
-    pass
-
 
 def test_scalefree_resumes_exactly_with_tasks_missing_from_steps(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     """One task per step (the other tasks missing): the method runs every step, and a run
@@ -157,17 +154,7 @@ def test_scalefree_resumes_exactly_with_tasks_missing_from_steps(tmp_path, tiny_
     assert sum(counts) == 4  # one loss per step went into the estimates
 
     cut = tiny_config(tmp_path / "cut", tiny_model_dir, data_dir, **options)
-    real_write = ckpt.write_folder_atomically
-
-    def write_then_stop(folder, fill):
-        real_write(folder, fill)
-        if Path(folder).name == "last":
-            raise Interrupt
-
-    monkeypatch.setattr(ckpt, "write_folder_atomically", write_then_stop)
-    with pytest.raises(Interrupt):
-        train(cut)
-    monkeypatch.setattr(ckpt, "write_folder_atomically", real_write)
+    stop_after_first_checkpoint(cut, monkeypatch)  # the run dies right after it
     train(cut, resume=True)
     assert same_weights(final_weights(whole), final_weights(cut))
     sa, sb = (json.loads((Path(c.out) / "last" / ckpt.STATE_JSON).read_text())["aggregation"] for c in (whole, cut))

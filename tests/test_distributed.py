@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from mtbert.training import distributed
 from mtbert.training import TrainConfig, train
 
-from conftest import tiny_config
+from conftest import rank_pids, tiny_config
 
 PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
 
@@ -361,26 +361,6 @@ def test_torchrun_trains_checkpoints_predicts_and_resumes(tmp_path, tiny_model_d
     assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
-def _rank_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of the workers torchrun started (read from their environment)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_bytes().decode(errors="replace")
-                       .split("\0") if "=" in kv)
-        except (OSError, IndexError, ValueError):
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = int(entry.name)
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the workers")
 def test_torchrun_tears_down_the_job_when_a_rank_is_killed(tmp_path, tiny_model_dir, data_dir):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
@@ -397,7 +377,7 @@ def test_torchrun_tears_down_the_job_when_a_rank_is_killed(tmp_path, tiny_model_
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None, (tmp_path / "torchrun.log").read_text()[-3000:]
         time.sleep(0.2)
-    pids = _rank_pids(proc.pid)
+    pids = rank_pids(proc.pid)
     assert set(pids) == {0, 1}, pids
     os.kill(pids[1], signal.SIGKILL)
     try:

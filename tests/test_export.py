@@ -302,6 +302,11 @@ def test_cli_errors(tmp_path, trained_run):
     assert "is an mtbert run folder" in error("--checkpoint", str(trained_run / "best"), "--out", str(other),
                                                "--force")
     assert sorted(p.name for p in (other / "last").iterdir()) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    assert "not an mtbert export" in error("--checkpoint", str(trained_run / "best"), "--out", str(mine), "--force")
+    assert (mine / "thesis.tex").read_text() == "years of work"
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     (cwd / "keep.txt").write_text("mine")

@@ -29,7 +29,7 @@ from mtbert.model.multitask import MultitaskBert, MultitaskConfig
 from mtbert.data.tokenizer import WordPieceTokenizer
 from mtbert.training import train
 
-from conftest import tiny_config
+from conftest import stop_after_first_checkpoint, tiny_config
 import hf_models
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,9 +56,6 @@ def _outputs(model, tokenizer) -> dict[str, torch.Tensor]:
         return {task: model(task, _batch(tokenizer, SENTENCES, PAIRS if task != "sst" else None))
                 for task in model.config.tasks}
 
-
-class Interrupt(Exception):
-    pass
 
 
 def test_auto_picks_minbert_for_bert_folders_and_transformers_otherwise(tiny_model_dir, hf_dirs, tmp_path):
@@ -91,17 +88,7 @@ def test_train_resume_eval_predict_export(tmp_path, hf_dirs, data_dir, monkeypat
     whole = tiny_config(tmp_path / "whole", folder, data_dir, **options)
     train(whole)
     cut = tiny_config(tmp_path / "cut", folder, data_dir, **options)
-    real_write = ckpt.write_folder_atomically
-
-    def write_then_stop(target, fill):
-        real_write(target, fill)
-        if Path(target).name == "last":
-            raise Interrupt
-
-    monkeypatch.setattr(ckpt, "write_folder_atomically", write_then_stop)
-    with pytest.raises(Interrupt):
-        train(cut)
-    monkeypatch.setattr(ckpt, "write_folder_atomically", real_write)
+    stop_after_first_checkpoint(cut, monkeypatch)  # the run dies right after it
     train(cut, resume=True)
     wa = load_file(str(Path(whole.out) / "last" / ckpt.MODEL_FILE))
     wb = load_file(str(Path(cut.out) / "last" / ckpt.MODEL_FILE))

@@ -24,7 +24,7 @@ from mtbert.cli import train_cmd
 from mtbert.mtl.methods.upgrad import dual_cone_weights
 from mtbert.training import TrainConfig, train
 
-from conftest import tiny_config
+from conftest import stop_after_first_checkpoint, tiny_config
 from test_aggregation import KINDS, SETTINGS, grad_cases, input_scale, make_grads, rel_err
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -348,9 +348,6 @@ def test_new_options_are_flags_saved_in_the_checkpoint(tmp_path, tiny_model_dir,
     assert bad.exit_code == 2 and "alpha" in bad.output
 
 
-class Interrupt(Exception):
-    pass
-
 
 @pytest.mark.parametrize("method,options", [("upgrad", {}), ("fairgrad", {"fairgrad_alpha": 1.5}),
                                             ("famo", {"famo_lr": 0.2})])
@@ -359,17 +356,7 @@ def test_training_resumes_exactly(tmp_path, tiny_model_dir, data_dir, monkeypatc
     whole = tiny_config(tmp_path / "whole", tiny_model_dir, data_dir, **settings)
     train(whole)
     cut = tiny_config(tmp_path / "cut", tiny_model_dir, data_dir, **settings)
-    real_write = ckpt.write_folder_atomically
-
-    def write_then_stop(folder, fill):  # the run dies right after its step-2 checkpoint
-        real_write(folder, fill)
-        if Path(folder).name == "last":
-            raise Interrupt
-
-    monkeypatch.setattr(ckpt, "write_folder_atomically", write_then_stop)
-    with pytest.raises(Interrupt):
-        train(cut)
-    monkeypatch.setattr(ckpt, "write_folder_atomically", real_write)
+    stop_after_first_checkpoint(cut, monkeypatch)  # the run dies right after it
     state = json.loads((Path(cut.out) / "last" / ckpt.STATE_JSON).read_text())
     assert state["step"] == 2 and state["aggregation"]["method"] == method
     train(cut, resume=True)

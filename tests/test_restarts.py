@@ -23,7 +23,7 @@ import mtbert.training.loop as loop_module
 from mtbert.cli import train_cmd
 from mtbert.training import TrainConfig, train
 
-from conftest import tiny_config
+from conftest import rank_pids, tiny_config
 
 PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
 
@@ -152,25 +152,6 @@ def test_overwrite_and_resume_do_not_combine(tmp_path, tiny_model_dir, data_dir)
     assert r.exit_code == 2 and "do not combine it with --overwrite" in r.output
 
 
-def _rank_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of the workers torchrun started (read from their environment)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != parent:
-                continue
-            env = dict(kv.split("=", 1) for kv in (entry / "environ").read_bytes().decode(errors="replace")
-                       .split("\0") if "=" in kv)
-        except (OSError, IndexError, ValueError):
-            continue
-        if "RANK" in env:
-            found[int(env["RANK"])] = int(entry.name)
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find the workers")
 def test_torchrun_max_restarts_finishes_a_job_whose_rank_was_killed(tmp_path, tiny_model_dir, data_dir):
     """kill -9 of rank 1 mid-run under `torchrun --max-restarts 1`: torchrun restarts both ranks
@@ -196,7 +177,7 @@ def test_torchrun_max_restarts_finishes_a_job_whose_rank_was_killed(tmp_path, ti
     while time.time() < deadline and not state.is_file():
         assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
         time.sleep(0.05)
-    pids = _rank_pids(proc.pid)
+    pids = rank_pids(proc.pid)
     assert set(pids) == {0, 1}, pids
     os.kill(pids[1], signal.SIGKILL)
     step_at_kill = json.loads(state.read_text())["step"]

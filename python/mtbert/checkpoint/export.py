@@ -99,6 +99,9 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
     for marker, what in ((ckpt.META_FILE, "an mtbert checkpoint"), ("metrics.jsonl", "an mtbert run folder")):
         if (out / marker).exists():
             raise ValueError(f"--out {str(out)!r} is {what}; --force replaces only an earlier export")
+    if out.is_dir() and any(out.iterdir()) and not (out / HEADS_DIR).is_dir():
+        raise ValueError(f"--out {str(out)!r} holds files that are not an mtbert export (no {HEADS_DIR}/); "
+                         f"--force replaces only an earlier export")
 
 
 def export_checkpoint(checkpoint, out, *, force: bool = False) -> ExportResult:

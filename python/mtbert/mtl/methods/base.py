@@ -174,5 +174,12 @@ def loss_values(losses: Sequence[Optional[Tensor]]) -> list[Optional[float]]:
     return [float(l.detach()) if isinstance(l, Tensor) else None for l in losses]
 
 
+def live_block(G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The tasks whose gradient is not (numerically) zero, and their block of G: the methods
+    that divide by a norm or need a positive-definite G solve on it and give the others 0."""
+    live = np.flatnonzero(nonzero(G))
+    return live, G[np.ix_(live, live)]
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     return np.exp(z - z.max()) / np.exp(z - z.max()).sum()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...limits import Limit
-from .base import Method, Param, nonzero
-from .mgda import min_norm_weights
+from .base import Method, Param, live_block
+from .mgda import zero_in_hull
 
 
 def alpha_fair_weights(G: np.ndarray, alpha: float) -> np.ndarray:
@@ -89,12 +89,8 @@ class FairGrad(Method):
     def weights(self, G):
         T = G.shape[0]
         w = np.zeros(T)
-        live = np.flatnonzero(nonzero(G))
-        if len(live) == 0:
-            return w
-        Gl = G[np.ix_(live, live)]
-        mn = min_norm_weights(Gl)
-        if mn @ Gl @ mn <= 1e-16 * np.diag(Gl).max():  # 0 in the hull: no solution
+        live, Gl = live_block(G)
+        if len(live) == 0 or zero_in_hull(Gl):  # no solution: the disagreement point
             return w
         w[live] = alpha_fair_weights(Gl, float(self.options["alpha"]))
         return w

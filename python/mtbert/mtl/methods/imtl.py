@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Method, nonzero, norms
+from .base import Method, live_block, norms
 
 
 class IMTL(Method):
@@ -19,10 +19,10 @@ class IMTL(Method):
     def weights(self, G):
         T = G.shape[0]
         w = np.zeros(T)
-        live = np.flatnonzero(nonzero(G))
+        live, Gl = live_block(G)
         if len(live) == 0:
             return w
-        Gl, n = G[np.ix_(live, live)], norms(G)[live]
+        n = norms(G)[live]
         Gu = Gl / n[None, :]  # Gu[a, b] = g_a . u_b
         D_U = Gu[0, 0] - Gu[0, 1:][None, :] - Gu[1:, 0][:, None] + Gu[1:, 1:]  # (g_1 - g_a).(u_1 - u_b)
         g1_U = Gu[0, 0] - Gu[0, 1:]  # g_1 . (u_1 - u_b)

@@ -33,3 +33,10 @@ class MGDA(Method):
 
     def weights(self, G):
         return min_norm_weights(G)
+
+
+def zero_in_hull(G: np.ndarray) -> bool:
+    """Whether 0 is in the convex hull of the gradients (no common ascent direction): the
+    min-norm point is zero to rounding. Nash-MTL and FairGrad have no solution then."""
+    mn = min_norm_weights(G)
+    return mn @ G @ mn <= 1e-16 * np.diag(G).max()
