@@ -227,3 +227,47 @@ def test_schema_checks_the_recorded_backbone_and_transformers_config(tmp_path):
             validate_meta(bad, tmp_path / "mtbert.json")
     with pytest.raises(ckpt.CheckpointError, match="tokenizer.lowercase is missing"):
         validate_meta({**meta, "tokenizer": {"kind": "bpe"}}, tmp_path / "mtbert.json")
+
+
+def test_torchrun_and_compare_with_a_transformers_encoder(tmp_path, hf_dirs, data_dir):
+    """Two gloo ranks under torchrun train a tiny RoBERTa with PCGrad and end with the same
+    weights on both ranks; mtbert-compare reads runs of the transformers backbone like any
+    other (the backbone is part of the configuration, the dev predictions score as logged)."""
+    import shutil
+    import subprocess
+
+    from mtbert.cli import compare_cmd
+
+    folder = hf_dirs["roberta"]
+    small = dict(tasks=["sst"], max_steps=3, batch_size=4, train_limit=24, eval_limit=16, max_length=32,
+                 pooling="cls", predict=True)
+    pc = tiny_config(tmp_path / "pcgrad", folder, data_dir, combine="pcgrad", **{**small, "tasks": ["sst", "sts"]})
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MTBERT_DIST_TIMEOUT="60",
+               PYTHONPATH=f"{Path(__file__).resolve().parents[1] / 'python'}{os.pathsep}"
+                          f"{os.environ.get('PYTHONPATH', '')}")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    args = ["--model", str(folder), "--data-dir", str(data_dir), "--out", pc.out, "--tasks", "sst,sts",
+            "--max-steps", "3", "--batch-size", "2", "--train-limit", "24", "--eval-limit", "16",
+            "--max-length", "32", "--pooling", "cls", "--combine", "pcgrad", "--no-progress", "--device", "cpu"]
+    r = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "mtbert", "train", *args],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "weights bitwise identical on all 2 rank(s)" in r.stdout + r.stderr
+    assert json.loads((Path(pc.out) / "last" / "mtbert.json").read_text())["model"]["backbone"] == "hf"
+
+    runs = []
+    for lr in (1e-3, 5e-3):
+        cfg = tiny_config(tmp_path / f"lr{lr}", folder, data_dir, lr=lr, **small)
+        train(cfg)
+        runs.append(Path(cfg.out))
+    result = CliRunner().invoke(compare_cmd, [str(f) for f in runs] + ["--data-dir", str(data_dir),
+                                                                      "--out", str(tmp_path / "cmp")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert [c["differs"] for c in report["configurations"]] == [{"lr": 1e-3}, {"lr": 5e-3}]
+    sst = next(row for row in report["comparisons"] if row["task"] == "sst")
+    summaries = [json.loads((f / "summary.json").read_text()) for f in runs]
+    diff = summaries[1]["dev"]["sst"]["accuracy"] - summaries[0]["dev"]["sst"]["accuracy"]
+    assert sst["test"] == "bootstrap" and sst["boot_point"] == pytest.approx(diff, abs=1e-9)
