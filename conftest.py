@@ -124,3 +124,30 @@ def rank_pids(parent: int) -> dict[int, int]:
         if "RANK" in env:
             found[int(env["RANK"])] = int(entry.name)
     return found
+
+
+def one_line_error(result, status: int, *needles: str) -> str:
+    """The command failed with `status` and a single 'error:' line holding every needle."""
+    assert result.exit_code == status, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.lower().startswith("error")]
+    assert len(lines) == 1, result.output
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def assert_same_end(a_out, b_out) -> None:
+    """Two runs end alike: bitwise the same weights in last/ and the same method state."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    wa, wb = (load_file(str(Path(o) / "last" / "model.safetensors")) for o in (a_out, b_out))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    sa, sb = (json.loads((Path(o) / "last" / "training_state.json").read_text())["aggregation"]
+              for o in (a_out, b_out))
+    assert sa == sb

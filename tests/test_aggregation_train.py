@@ -9,16 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
 
 import mtbert.aggregation as agg
 from mtbert.checkpoint import format as ckpt
 from mtbert.cli import train_cmd
 from mtbert.training import TrainConfig, train
 
-from conftest import stop_after_first_checkpoint, tiny_config
+from conftest import assert_same_end, stop_after_first_checkpoint, tiny_config
 
 
 def read_log(out: Path) -> list[dict]:
@@ -85,13 +83,7 @@ def test_resume_restores_the_method_state(tmp_path, tiny_model_dir, data_dir, mo
         state_file.write_text(json.dumps(state))
     train(cut, resume=True)
 
-    wa = load_file(str(Path(whole.out) / "last" / "model.safetensors"))
-    wb = load_file(str(Path(cut.out) / "last" / "model.safetensors"))
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    sa = json.loads((Path(whole.out) / "last" / ckpt.STATE_JSON).read_text())["aggregation"]
-    sb = json.loads((Path(cut.out) / "last" / ckpt.STATE_JSON).read_text())["aggregation"]
-    assert sa == sb
+    assert_same_end(whole.out, cut.out)  # the same weights and the same method state
 
 
 def test_ablation_grid_of_methods(tmp_path, tiny_model_dir, data_dir):

@@ -32,19 +32,8 @@ from mtbert.model.config import BertConfig
 from mtbert.model.multitask import MultitaskConfig
 from mtbert.mtl import METHODS, aggregate, combine, make_method
 
-from conftest import tiny_config
+from conftest import one_line_error, tiny_config
 
-
-def one_line_error(result, status: int, *needles: str) -> str:
-    """The command failed with `status` and a single 'error:' line holding every needle."""
-    assert result.exit_code == status, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.lower().startswith("error")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 def user_task(tmp_path: Path, rows: str, *, ext: str = "csv", **spec):

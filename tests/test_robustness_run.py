@@ -32,7 +32,7 @@ from mtbert.data.readers import DataFormatError, DuplicateIdWarning, load_split
 from mtbert.training.finite import NonFiniteError
 from mtbert.training import MetricsLog, TrainConfig, train
 
-from conftest import tiny_config
+from conftest import one_line_error, tiny_config
 
 TRAIN_PY = [sys.executable, "-c", "from mtbert.cli import train_cmd; train_cmd()"]
 
@@ -57,17 +57,6 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
-
-def one_line_error(result, status: int, *needles: str) -> str:
-    """The command failed with `status` and a single 'error:' line holding every needle."""
-    assert result.exit_code == status, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.lower().startswith("error")]
-    assert len(lines) == 1, result.output
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 # ---------------------------------------------------------------- one run per folder

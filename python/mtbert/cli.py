@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -21,6 +20,7 @@ from .files import write_json
 from .data.readers import resolve_data_dir
 from .evaluation.evaluate import format_table
 from .checkpoint.export import export_checkpoint
+from .checkpoint.runfolder import prepare_out
 from .evaluation.inference import checkpoint_folder, load_checkpoint, predict_files, predict_text
 from .evaluation.plots import plot_run
 from .data.tasks import get_task, overall_scores, uses_data_dir
@@ -264,7 +264,7 @@ def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
         model, meta, tokenizer = load_checkpoint(checkpoint, device=dev)
         folder = checkpoint_folder(checkpoint)
         out_dir = Path(out) if out else (folder.parent if folder.name == "best" else folder)
-        _usable_out_folder(out_dir)
+        prepare_out(out_dir)  # a folder that exists or can be made, else one line
         splits = ["dev", "test-student"] if split == "both" else ["test-student" if split == "test" else "dev"]
         tasks = model.config.tasks
         if split == "test" and not any("test-student" in get_task(t).files for t in tasks):
@@ -292,18 +292,6 @@ def eval_cmd(checkpoint, split, data_dir, out, device, batch_size, plots):
         _fail(exc)
     except OSError as exc:  # a write that failed midway (disk full, permissions)
         _fail_run(exc)
-
-
-def _usable_out_folder(folder: Path) -> None:
-    """--out of mtbert-eval: a folder that exists or can be made (ValueError: one line)."""
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--out {str(folder)!r} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"--out {str(folder)!r}: cannot create the folder: {exc.strerror or exc}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {str(folder)!r}: the folder is not writable")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

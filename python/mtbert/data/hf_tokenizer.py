@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import MissingExtraError, ModelFolderError
-from .tokenizer import PADDING, BatchEncoding, WordPieceTokenizer
+from .tokenizer import BatchEncoding, WordPieceTokenizer, resolve_padding
 
 EXTRA = "hf"
 KIND = "hf"  # the "kind" a checkpoint's tokenizer settings record
@@ -87,12 +87,7 @@ class HFTokenizer:
                      padding: Optional[str] = None) -> BatchEncoding:
         """As WordPieceTokenizer.encode_batch: padding "max_length" (the default with a
         max_length) or "longest"; truncation cuts pairs longest-first."""
-        if padding is None:
-            padding = "max_length" if max_length is not None else "longest"
-        if padding not in PADDING:
-            raise ValueError(f"padding must be one of {PADDING} or None, not {padding!r}")
-        if padding == "max_length" and max_length is None:
-            raise ValueError('padding="max_length" needs a max_length')
+        padding = resolve_padding(padding, max_length)
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"{len(texts)} texts but {len(pairs)} pairs")
         if len(texts) == 0:

@@ -31,6 +31,18 @@ PathLike = Union[str, os.PathLike]
 BACKENDS = ("native", "python")
 PADDING = ("longest", "max_length")
 
+
+def resolve_padding(padding: Optional[str], max_length: Optional[int]) -> str:
+    """The padding of a batch: "max_length" by default when a max_length is given, else
+    "longest"; ValueError for an unknown one or "max_length" without a length."""
+    if padding is None:
+        padding = "max_length" if max_length is not None else "longest"
+    if padding not in PADDING:
+        raise ValueError(f"padding must be one of {PADDING} or None, not {padding!r}")
+    if padding == "max_length" and max_length is None:
+        raise ValueError('padding="max_length" needs a max_length')
+    return padding
+
 # The reference decoder's clean-up, applied to each token (with its leading space).
 _CLEANUP = (
     (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
@@ -256,12 +268,7 @@ class WordPieceTokenizer:
             Texts, pairs and max_length are checked by the backend (TypeError /
             ValueError; MemoryError when the padded batch cannot be allocated).
         """
-        if padding is None:
-            padding = "max_length" if max_length is not None else "longest"
-        if padding not in PADDING:
-            raise ValueError(f"padding must be one of {PADDING} or None, not {padding!r}")
-        if padding == "max_length" and max_length is None:
-            raise ValueError('padding="max_length" needs a max_length')
+        padding = resolve_padding(padding, max_length)
         ids, types, mask = self._impl.encode_batch(
             texts, pairs, max_length, truncation, padding == "max_length", self._num_threads or 0
         )
