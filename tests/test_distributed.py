@@ -181,9 +181,13 @@ def test_pcgrad_buffer_memory():
 
 # ---------------------------------------------------------------- 2 ranks against 1 process
 
-# mgda: a gradient method of mtbert.mtl.aggregation (its buffer synced like PCGrad's); rlw: loss
+# The gradient methods (pcgrad, mgda, cagrad, nash, upgrad) sync their (T, P) buffer sharded
+# (tests/test_sharded_sync.py checks every one at the level of one backward); rlw: loss
 # weighting, the same random weights on every rank
-@pytest.mark.parametrize("combine", ["sum", "pcgrad", "mgda", "rlw"])
+GRADIENT_METHODS = ["pcgrad", "mgda", "cagrad", "nash", "upgrad"]
+
+
+@pytest.mark.parametrize("combine", ["sum", *GRADIENT_METHODS, "rlw"])
 def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_model_dir, data_dir,
                                                            combine):
     one = tiny_config(tmp_path / "one", no_dropout_model_dir, data_dir, combine=combine, **EXACT)
@@ -208,14 +212,14 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, no_dropout_m
         cb = [r["cosine"] for r in read_log(two.out) if r["type"] == "aggregation"]
         assert ca
         assert np.allclose(ca, cb, atol=1e-5)
-    if combine in ("mgda", "rlw"):  # the method chose the one-process weights (and saw its cosines)
+    if combine != "sum":  # the method chose the one-process weights (and saw its cosines)
         ta = [r["aggregation"] for r in read_log(one.out) if r["type"] == "train"]
         tb = [r["aggregation"] for r in read_log(two.out) if r["type"] == "train"]
         assert len(ta) == len(tb) == 2
         for a, b in zip(ta, tb):
             assert np.allclose(a["weights"], b["weights"], atol=1e-5)
-            assert ("cosine" in a) == ("cosine" in b) == (combine == "mgda")
-            if combine == "mgda":
+            assert ("cosine" in a) == ("cosine" in b) == (combine in GRADIENT_METHODS)
+            if combine in GRADIENT_METHODS:
                 assert np.allclose(a["cosine"], b["cosine"], atol=1e-5)
     # Side effects on rank 0 only: one output folder, console lines from rank 0 alone.
     assert "global batch 6 per task and step, 3 per rank" in logs[0]

@@ -11,7 +11,7 @@ class with the ``pcgrad`` method, under the name the library started with.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Protocol, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from .methods.base import loss_values
 from .pcgrad import check_eps, check_reduction
 from .stats import AggregationStats
 
-__all__ = ["MultiTaskBackward", "PCGrad", "method_weights"]
+__all__ = ["GradientShards", "MultiTaskBackward", "PCGrad", "method_weights", "shard_width"]
 
 BACKENDS = ("auto", "native", "torch")
 
@@ -60,6 +60,26 @@ def method_weights(method: Method, G: np.ndarray, order=None) -> np.ndarray:
     return w
 
 
+class GradientShards(Protocol):
+    """The collectives of the sharded synchronization (mtbert.training.distributed provides
+    them over torch.distributed): ``world_size`` ranks, this one ``rank``."""
+
+    rank: int
+    world_size: int
+
+    def reduce_scatter(self, output: Tensor, blocks: Tensor) -> None:
+        """``output`` = the sum over the ranks of ``blocks[rank]`` ((W, ...) -> (...))."""
+
+    def all_gather(self, output: Tensor, piece: Tensor) -> None:
+        """``output`` = every rank's ``piece`` concatenated in rank order ((n,) -> (W * n,))."""
+
+
+def shard_width(num_params: int, world_size: int) -> int:
+    """Columns of the (T, P) buffer each rank owns under sharding: P / W rounded up (the
+    last rank's block is padded with zeros)."""
+    return -(-num_params // world_size)
+
+
 class MultiTaskBackward:
     """``mtb.backward(losses)`` sets the ``.grad`` of the shared and task parameters.
 
@@ -70,7 +90,8 @@ class MultiTaskBackward:
        multi-process training sums it over ranks there (mtbert.training.distributed), so
        every rank combines the global per-task gradients and takes the same update
        (loss-weighting methods get ``loss_sync`` instead: the T loss values summed over the
-       ``world_size`` ranks);
+       ``world_size`` ranks). ``shards`` instead shards the work (see :meth:`_sharded`):
+       rank r sums and combines only columns [r S, (r+1) S) of the buffer, S = P / W;
     3. the Gram matrix (native on the CPU, torch elsewhere), the method's weights, and one
        combination pass into a reused result buffer;
     4. the shared parameters' ``.grad`` are *set* (not accumulated) to the result: float32
@@ -97,10 +118,14 @@ class MultiTaskBackward:
         sync: Optional[Callable[[Tensor], None]] = None,
         loss_sync: Optional[Callable[[Sequence[Optional[float]]], list]] = None,
         world_size: int = 1,
+        shards: Optional[GradientShards] = None,
         backend: str = "auto",
         **options,
     ):
+        if sync is not None and shards is not None:
+            raise ValueError("give sync (the whole buffer summed over the ranks) or shards, not both")
         self.sync = sync
+        self.shards = shards
         self.loss_sync = loss_sync  # loss weighting: the T loss values summed over the ranks
         self.world_size = world_size
         self.method = make_method(method, **options) if isinstance(method, str) else method
@@ -162,12 +187,26 @@ class MultiTaskBackward:
     def _allocate(self, T: int) -> None:
         P = self.num_params
         self.num_tasks = T
-        self.buffer = torch.empty(T, P, dtype=torch.float32, device=self.device)  # (T, P)
-        self.result = torch.empty(P, dtype=torch.float32, device=self.device)  # (P,)
         spans = list(zip(self._offsets[:-1], self._offsets[1:]))
-        # Views made once: row i's slice for each parameter, and each parameter's result.
-        self._row_views = [[self.buffer[i, a:b].view(p.shape) for p, (a, b) in zip(self.shared, spans)]
-                           for i in range(T)]
+        if self.shards is None:
+            self.buffer = torch.empty(T, P, dtype=torch.float32, device=self.device)  # (T, P)
+            self.result = torch.empty(P, dtype=torch.float32, device=self.device)  # (P,)
+            # Views made once: row i's slice for each parameter, and each parameter's result.
+            self._row_pieces = [[[(self.buffer[i, a:b].view(p.shape), None)] for p, (a, b) in zip(self.shared, spans)]
+                                for i in range(T)]
+        else:
+            W, S = self.shards.world_size, shard_width(P, self.shards.world_size)
+            # (W, T, S): block r holds columns [r S, (r+1) S) of every task's gradient, the
+            # part rank r sums and combines; zeros past P (never written) pad the last block.
+            self.blocks = torch.zeros(W, T, S, dtype=torch.float32, device=self.device)
+            self.local = torch.empty(T, S, dtype=torch.float32, device=self.device)  # this rank's summed block
+            self.local_result = torch.empty(S, dtype=torch.float32, device=self.device)  # (S,)
+            self.result = torch.empty(W * S, dtype=torch.float32, device=self.device)  # (W S,), in column order
+            # A parameter whose columns cross a block boundary is copied in pieces: (view, its columns).
+            self._row_pieces = [[[(self.blocks[r, i, lo - r * S:hi - r * S], (lo - a, hi - a))
+                                  for r in range(a // S, (b - 1) // S + 1)
+                                  for lo, hi in [(max(a, r * S), min(b, (r + 1) * S))]]
+                                 for a, b in spans] for i in range(T)]
         self._result_views = [self.result[a:b].view(p.shape) for p, (a, b) in zip(self.shared, spans)]
 
     def backward(self, losses: Sequence[Optional[Tensor]]) -> AggregationStats:
@@ -189,6 +228,10 @@ class MultiTaskBackward:
         elif T != self.num_tasks:
             raise ValueError(f"expected {self.num_tasks} losses, got {T}")
         self._fill_task_gradients(losses)
+        if self.shards is not None:
+            G, w = self._sharded()
+            self._set_shared_gradients()
+            return AggregationStats.build(self.method.name, w, G, self.method.last_orders())
         if self.sync is not None:
             self.sync(self.buffer)
         if self.backend == "native":
@@ -201,6 +244,33 @@ class MultiTaskBackward:
             combine_torch(self.buffer, w, self.result)
         self._set_shared_gradients()
         return AggregationStats.build(self.method.name, w, G, self.method.last_orders())
+
+    def _sharded(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sharded synchronization: a reduce-scatter leaves this rank the global per-task
+        gradients of its S columns; its Gram contribution (T x T) is all-gathered and summed
+        in rank order, so every rank holds the same G bit for bit and derives the same
+        weights (same orders and random draws); the rank combines its own columns and an
+        all-gather assembles the update. Traffic (T + 1) P floats per rank instead of the
+        all-reduce's 2 T P; each rank does 1 / W of the Gram and combination passes."""
+        shards, T = self.shards, self.num_tasks
+        shards.reduce_scatter(self.local, self.blocks)
+        problem = None
+        try:
+            part = gram(self.local) if self.backend == "native" else gram_torch(self.local)
+        except ValueError as exc:  # a non-finite gradient: every rank must still take part
+            part, problem = np.full((T, T), np.nan), str(exc)
+        parts = torch.empty(shards.world_size * T * T, dtype=torch.float64, device=self.device)
+        shards.all_gather(parts, torch.as_tensor(part, dtype=torch.float64).reshape(-1).to(self.device))
+        G = parts.cpu().numpy().reshape(shards.world_size, T, T).sum(axis=0)  # (T, T), in rank order
+        if problem is not None:
+            raise ValueError(problem)
+        w = method_weights(self.method, G)
+        if self.backend == "native":
+            combine(self.local, w, out=self.local_result, check_finite=False)
+        else:
+            combine_torch(self.local, w, self.local_result)
+        shards.all_gather(self.result, self.local_result)
+        return G, w
 
     def weighted_loss(self, losses: Sequence[Optional[Tensor]]) -> tuple[Optional[Tensor], AggregationStats]:
         """Loss-weighting methods: the differentiable ``sum_i w_i L_i`` (UW's with its
@@ -229,11 +299,16 @@ class MultiTaskBackward:
             else:
                 grads = (None,) * (S + len(heads))
             with torch.no_grad():
-                for view, g in zip(self._row_views[i], grads[:S]):
-                    if g is None:
-                        view.zero_()
-                    else:
-                        view.copy_(g.to_dense() if g.is_sparse else g)
+                for pieces, g in zip(self._row_pieces[i], grads[:S]):
+                    if g is not None and g.is_sparse:
+                        g = g.to_dense()
+                    for view, columns in pieces:
+                        if g is None:
+                            view.zero_()
+                        elif columns is None:  # the parameter's whole row slice
+                            view.copy_(g)
+                        else:
+                            view.copy_(g.reshape(-1)[columns[0]:columns[1]])
             for p, g in zip(heads, grads[S:]):
                 p.grad = g
 

@@ -19,10 +19,14 @@ Semantics (what makes W ranks with batch b equal to one process with batch W*b):
   with ``torch.autograd.grad`` (which bypasses DDP's hooks: they would silently stay local),
   and the count weights need a sum, not DDP's plain mean. The price: no overlap of
   communication with the backward pass (negligible on a CPU; measurable on fast GPUs).
-- PCGrad: each rank fills its (T, P) buffer of local weighted per-task gradients, the buffer
-  is summed over ranks BEFORE the surgery (so the surgery sees the global per-task
-  gradients), and every rank draws the same task orders from the same seeded generator:
-  all ranks apply the identical update. Head gradients are summed like any gradient.
+- PCGrad and the other gradient methods: each rank fills its (T, P) buffer of local weighted
+  per-task gradients; the buffer is summed over ranks BEFORE the method runs (so it sees the
+  global per-task gradients), sharded (:class:`GradientShardSync`): a reduce-scatter leaves
+  rank r the sums of its P / W columns, the T x T Gram contributions are all-gathered and
+  summed in rank order, every rank derives the same weights (the same task orders from the
+  same seeded generator), combines its own columns, and an all-gather assembles the update:
+  all ranks apply the identical update, for (T + 1) P floats of traffic per rank instead of
+  2 T P. Head gradients are summed like any gradient.
 - A collective that fails (a peer died, the network broke) raises :class:`DistributedError`
   with one clear line; the group's timeout (``MTBERT_DIST_TIMEOUT`` seconds, default 900)
   bounds the wait where the backend cannot see the peer go.
@@ -270,6 +274,41 @@ def task_loss_sync(ctx: Context) -> Optional[Callable[[Sequence[Optional[float]]
     return sum_task_losses if ctx.active else None
 
 
+class GradientShardSync:
+    """The collectives of MultiTaskBackward's sharded synchronization (mtbert.mtl.backward's
+    GradientShards) over this process group. A torch whose gloo lacks reduce-scatter (older
+    than the tested 2.15) gets an all-reduce of the blocks instead: the same sums, the
+    traffic of the unsharded path."""
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.rank, self.world_size = ctx, ctx.rank, ctx.world_size
+        self.scatter_supported = True
+
+    def reduce_scatter(self, output: torch.Tensor, blocks: torch.Tensor) -> None:
+        what = "the per-task gradient reduce-scatter"
+        if self.scatter_supported:
+            try:
+                dist.reduce_scatter_tensor(output.view(-1), blocks.view(-1))  # gloo takes them flat
+                return
+            except (RuntimeError, NotImplementedError) as exc:  # raised before any traffic when unsupported
+                if "support" not in str(exc).lower():
+                    raise DistributedError(_lost(self.ctx, what, exc)) from None
+                self.scatter_supported = False
+        output.copy_(self.ctx._reduce(blocks, what)[self.rank])
+
+    def all_gather(self, output: torch.Tensor, piece: torch.Tensor) -> None:
+        try:
+            dist.all_gather_into_tensor(output, piece)
+        except Exception as exc:
+            raise DistributedError(_lost(self.ctx, "the combined-gradient all-gather", exc)) from None
+
+
+def task_gradient_shards(ctx: Context) -> Optional[GradientShardSync]:
+    """The sharded synchronization of the gradient methods under torchrun with more than one
+    rank, None otherwise (one rank holds every column: nothing to do)."""
+    return GradientShardSync(ctx) if ctx.active and ctx.world_size > 1 else None
+
+
 def task_gradient_sync(ctx: Context) -> Optional[Callable[[torch.Tensor], None]]:
     """:func:`sum_task_gradients` under torchrun, None in a single process (nothing to do)."""
     return sum_task_gradients if ctx.active else None
@@ -485,6 +524,11 @@ def evaluate_tasks(ctx: Context, model, datasets: dict, *, device, batch_size: i
     return metrics, predictions
 
 
-def pcgrad_buffer_bytes(num_tasks: int, num_shared_params: int) -> int:
-    """Memory PCGrad adds per rank: the float32 (T, P) buffer plus the (P,) result."""
-    return 4 * (num_tasks + 1) * num_shared_params
+def pcgrad_buffer_bytes(num_tasks: int, num_shared_params: int, world_size: int = 1) -> int:
+    """Memory a gradient method adds per rank: the float32 (T, P) buffer plus the (P,) result;
+    sharded over W > 1 ranks also this rank's summed (T, P / W) block and its (P / W,) result
+    (P rounded up to a multiple of W)."""
+    if world_size == 1:
+        return 4 * (num_tasks + 1) * num_shared_params
+    width = -(-num_shared_params // world_size)
+    return 4 * (num_tasks + 1) * (world_size + 1) * width

@@ -216,10 +216,10 @@ def build_run(cfg: TrainConfig, *, resume: bool = False) -> Run:
                 weights[task] = class_weights(data.train[task].labels, get_task(task).num_classes).to(device)
     combiner = None
     if cfg.combine != "sum" and not cfg.freeze_encoder:
-        # [ddp] the sync sums the (T, P) buffer (gradient methods) or the T loss values (loss
-        # weighting) over the ranks before the method sees them
+        # [ddp] the (T, P) buffer (gradient methods, sharded) or the T loss values (loss
+        # weighting) are summed over the ranks before the method sees them
         combiner = MultiTaskBackward(model.shared_parameters(), [model.task_parameters(t) for t in cfg.tasks],
-                                     cfg.make_method(steps_per_epoch), sync=distributed.task_gradient_sync(dist),
+                                     cfg.make_method(steps_per_epoch), shards=distributed.task_gradient_shards(dist),
                                      loss_sync=distributed.task_loss_sync(dist), world_size=dist.world_size)
         if combiner.parameters():  # the method's own parameters (UW), without weight decay
             optimizer.add_param_group({"params": combiner.parameters(), "weight_decay": 0.0})
