@@ -9,10 +9,13 @@ Three figures, printed as Markdown tables:
    (torchrun, gloo, batch b per rank): the same global batch, for --combine sum and pcgrad.
    The ratio is the multi-process overhead on one machine (communication, duplicated
    Python work), not a speed-up: both use the same 2 cores.
-2. the synchronization per step: one all-reduce of the P shared gradients (plain sum) against
-   one of PCGrad's (T, P) buffer, on 2 gloo ranks, P = MiniLM's shared parameters.
-3. the memory PCGrad adds per rank, (T + 1) x P float32 (buffer and result), for MiniLM and
-   BERT-base, from their parameter counts.
+2. the synchronization per step on 2 gloo ranks, P = MiniLM's shared parameters: one
+   all-reduce of the P shared gradients (plain sum); the gradient methods' sharded sync
+   (reduce-scatter of the (T, P) buffer, all-gather of the T x T Gram parts, all-gather of
+   the P / W combined columns: what training runs); and the unsharded all-reduce of the
+   whole (T, P) buffer it replaced. The head gradients' all-reduce is added to each.
+3. the memory a gradient method adds per rank, for MiniLM and BERT-base, from their
+   parameter counts: (T + 1) x P float32 in one process, (T + 1)(W + 1) P / W sharded.
 
 Not a pytest benchmark: it launches processes and runs minutes. Numbers depend on the load of
 the machine; report them with the machine they came from.
@@ -67,22 +70,44 @@ def train_run(out: Path, world: int, per_rank_batch: int, combine: str, args) ->
     return steps_per_s(out)
 
 
-def _sync_worker(rank: int, world: int, port: int, sizes: dict, reps: int, result_file: str) -> None:
+def _timed(reps: int, op) -> float:
     import torch.distributed as dist
+    op()  # warm-up
+    samples = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        op()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def _sync_worker(rank: int, world: int, port: int, tasks: int, shared: int, heads: int, reps: int,
+                 result_file: str) -> None:
+    import torch.distributed as dist
+    from mtbert.mtl.backward import shard_width
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    times = {}
-    for name, shape in sizes.items():
-        t = torch.ones(shape, dtype=torch.float32)
-        dist.all_reduce(t)  # warm-up
-        samples = []
-        for _ in range(reps):
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(t)
-            samples.append(time.perf_counter() - start)
-        times[name] = statistics.median(samples)
+    from mtbert.training.distributed import Context, GradientShardSync
+    shards = GradientShardSync(Context(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
+                                       backend="gloo"))
+    width = shard_width(shared, world)
+    plain, head = torch.ones(shared + heads), torch.ones(heads)
+    full = torch.ones(tasks, shared)
+    blocks, local = torch.ones(world, tasks, width), torch.empty(tasks, width)
+    parts, part = torch.empty(world * tasks * tasks, dtype=torch.float64), torch.ones(tasks * tasks, dtype=torch.float64)
+    result, piece = torch.empty(world * width), torch.ones(width)
+
+    def sharded():  # what MultiTaskBackward._sharded sends, without its Gram and combination passes
+        shards.reduce_scatter(local, blocks)
+        shards.all_gather(parts, part)
+        shards.all_gather(result, piece)
+        dist.all_reduce(head)
+
+    times = {"plain": _timed(reps, lambda: dist.all_reduce(plain)),
+             "sharded": _timed(reps, sharded),
+             "all-reduce": _timed(reps, lambda: (dist.all_reduce(full), dist.all_reduce(head)))}
     if rank == 0:
         Path(result_file).write_text(json.dumps(times))
     dist.destroy_process_group()
@@ -93,11 +118,9 @@ def sync_costs(num_tasks: int, shared: int, heads: int, reps: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    sizes = {"plain (P + heads)": (shared + heads,), f"pcgrad ({num_tasks}, P)": (num_tasks, shared),
-             "pcgrad heads": (heads,)}
     with tempfile.TemporaryDirectory() as tmp:
         result = os.path.join(tmp, "sync.json")
-        mp.spawn(_sync_worker, args=(2, port, sizes, reps, result), nprocs=2, join=True)
+        mp.spawn(_sync_worker, args=(2, port, num_tasks, shared, heads, reps, result), nprocs=2, join=True)
         return json.loads(Path(result).read_text())
 
 
@@ -128,44 +151,52 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="HF BERT folder (default: the embedded MiniLM)")
     parser.add_argument("--reps", type=int, default=5, help="repetitions of each all-reduce")
     parser.add_argument("--skip-train", action="store_true", help="only the sync and memory figures")
+    parser.add_argument("--methods", default="sum,pcgrad,mgda", help="--combine values of the training runs")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     report: dict = {"machine": f"{os.cpu_count()} CPU(s), torch {torch.__version__}"}
 
+    from mtbert.training.distributed import pcgrad_buffer_bytes
     counts = parameter_counts(args.model)
     tasks = 3
     print(f"# bench_distributed ({report['machine']})\n")
-    print("| model | shared P | PCGrad (T+1) x P float32 per rank (T=3) |\n|---|---|---|")
+    print("| model | shared P | gradient method's buffers per rank, T=3: 1 process | 2 ranks, sharded |\n"
+          "|---|---|---|---|")
     memory = {}
     for name in ("MiniLM-L6 (H=384)", "BERT-base (H=768)"):
         P = counts[name]
-        memory[name] = {"P": P, "bytes": 4 * (tasks + 1) * P}
-        print(f"| {name} | {P / 1e6:.1f}M | {4 * (tasks + 1) * P / 2**20:.0f} MiB |")
+        memory[name] = {"P": P, "bytes": pcgrad_buffer_bytes(tasks, P), "bytes_2_ranks": pcgrad_buffer_bytes(tasks, P, 2)}
+        print(f"| {name} | {P / 1e6:.1f}M | {memory[name]['bytes'] / 2**20:.0f} MiB "
+              f"| {memory[name]['bytes_2_ranks'] / 2**20:.0f} MiB |")
     report["pcgrad_memory"] = memory
 
     P = counts["MiniLM-L6 (H=384)"]
     heads = counts["MiniLM-L6 (H=384) heads"]
     sync = sync_costs(tasks, P, heads, args.reps)
     report["sync_s"] = sync
-    plain = sync["plain (P + heads)"]
-    pc = sync[f"pcgrad ({tasks}, P)"] + sync["pcgrad heads"]
-    print(f"\n| sync per step, 2 gloo ranks, MiniLM | median s |\n|---|---|")
-    print(f"| plain all-reduce of the P + heads gradients | {plain:.3f} |")
-    print(f"| PCGrad: all-reduce of the ({tasks}, P) buffer + heads | {pc:.3f} ({pc / plain:.1f}x) |")
+    plain = sync["plain"]
+    print(f"\n| sync per step, 2 gloo ranks, MiniLM (T = {tasks}) | median s | / plain |\n|---|---|---|")
+    print(f"| plain sum: all-reduce of the P + heads gradients | {plain:.3f} | 1.0 |")
+    print(f"| gradient methods, sharded: reduce-scatter ({tasks}, P), all-gather Gram parts and P, heads "
+          f"| {sync['sharded']:.3f} | {sync['sharded'] / plain:.2f} |")
+    print(f"| gradient methods, unsharded: all-reduce of ({tasks}, P), heads | {sync['all-reduce']:.3f} "
+          f"| {sync['all-reduce'] / plain:.2f} |")
 
     if not args.skip_train:
         b = args.batch_size
         rows = []
         with tempfile.TemporaryDirectory() as tmp:
-            for combine in ("sum", "pcgrad"):
+            for combine in args.methods.split(","):
                 one = train_run(Path(tmp) / f"one-{combine}", 1, 2 * b, combine, args)
                 two = train_run(Path(tmp) / f"two-{combine}", 2, b, combine, args)
                 rows.append((combine, one, two))
         report["train_steps_per_s"] = {c: {"1x2threads": o, "2x1thread": t} for c, o, t in rows}
+        sum_two = dict((c, t) for c, _, t in rows).get("sum")
         print(f"\n| combine | 1 process x 2 threads (batch {2 * b}) | 2 ranks x 1 thread (batch {b} each) "
-              f"| ratio |\n|---|---|---|---|")
+              f"| ratio | 2-rank step / sum's |\n|---|---|---|---|---|")
         for combine, one, two in rows:
-            print(f"| {combine} | {one:.3f} steps/s | {two:.3f} steps/s | {two / one:.2f} |")
+            against_sum = f"{sum_two / two:.2f}" if sum_two else "-"
+            print(f"| {combine} | {one:.3f} steps/s | {two:.3f} steps/s | {two / one:.2f} | {against_sum} |")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

@@ -276,29 +276,55 @@ def task_loss_sync(ctx: Context) -> Optional[Callable[[Sequence[Optional[float]]
 
 class GradientShardSync:
     """The collectives of MultiTaskBackward's sharded synchronization (mtbert.mtl.backward's
-    GradientShards) over this process group. A torch whose gloo lacks reduce-scatter (older
-    than the tested 2.15) gets an all-reduce of the blocks instead: the same sums, the
-    traffic of the unsharded path."""
+    GradientShards) over this process group. NCCL has its own reduce-scatter and
+    all-gather; on gloo they are rings of point-to-point sends, since gloo's collectives
+    are slower than its all-reduce of the whole buffer (measured, benches/bench_distributed.py:
+    its reduce-scatter of MiniLM's (3, P) buffer took 2-3x the all-reduce on 2 ranks)."""
 
     def __init__(self, ctx: Context):
         self.ctx, self.rank, self.world_size = ctx, ctx.rank, ctx.world_size
-        self.scatter_supported = True
+        self.ring = ctx.backend != "nccl"
 
     def reduce_scatter(self, output: torch.Tensor, blocks: torch.Tensor) -> None:
-        what = "the per-task gradient reduce-scatter"
-        if self.scatter_supported:
-            try:
-                dist.reduce_scatter_tensor(output.view(-1), blocks.view(-1))  # gloo takes them flat
+        try:
+            if not self.ring:
+                dist.reduce_scatter_tensor(output.view(-1), blocks.view(-1))
                 return
-            except (RuntimeError, NotImplementedError) as exc:  # raised before any traffic when unsupported
-                if "support" not in str(exc).lower():
-                    raise DistributedError(_lost(self.ctx, what, exc)) from None
-                self.scatter_supported = False
-        output.copy_(self.ctx._reduce(blocks, what)[self.rank])
+            # W - 1 steps: rank r adds the partial sum of chunk (r - k - 2) mod W from rank r - 1
+            # to its own and passes on chunk (r - k - 1) mod W; after the last, chunk r is whole.
+            W, r = self.world_size, self.rank
+            chunks = blocks.view(W, -1)
+            incoming = self._incoming(chunks[0])
+            for k in range(W - 1):
+                send = dist.isend(chunks[(r - k - 1) % W], (r + 1) % W)
+                dist.recv(incoming, (r - 1) % W)
+                send.wait()
+                mine = (r - k - 2) % W
+                torch.add(chunks[mine], incoming, out=output.view(-1) if k == W - 2 else chunks[mine])
+        except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses (DistBackendError)
+            raise DistributedError(_lost(self.ctx, "the per-task gradient reduce-scatter", exc)) from None
+
+    def _incoming(self, like: torch.Tensor) -> torch.Tensor:
+        """The receive buffer, kept between steps: a fresh one per step costs its page faults
+        (measured: half the reduce-scatter's time on MiniLM)."""
+        buf = getattr(self, "_buffer", None)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffer = torch.empty_like(like)
+        return buf
 
     def all_gather(self, output: torch.Tensor, piece: torch.Tensor) -> None:
         try:
-            dist.all_gather_into_tensor(output, piece)
+            if not self.ring:
+                dist.all_gather_into_tensor(output, piece)
+                return
+            # W - 1 steps: rank r passes on chunk (r - k) mod W and receives chunk (r - k - 1) mod W.
+            W, r = self.world_size, self.rank
+            chunks = output.view(W, -1)
+            chunks[r].copy_(piece.view(-1))
+            for k in range(W - 1):
+                send = dist.isend(chunks[(r - k) % W], (r + 1) % W)
+                dist.recv(chunks[(r - k - 1) % W], (r - 1) % W)
+                send.wait()
         except Exception as exc:
             raise DistributedError(_lost(self.ctx, "the combined-gradient all-gather", exc)) from None
 
