@@ -399,3 +399,30 @@ def test_torchrun_tears_down_the_job_when_a_rank_is_killed(tmp_path, tiny_model_
         except OSError:
             continue  # gone
         assert "zombie" in status, status
+
+
+def test_two_node_command_as_two_torchrun_agents_on_one_machine(tmp_path, no_dropout_model_dir, data_dir):
+    """docs/scaling.md's two-machine command, run as two torchrun agents (--nnodes 2, c10d
+    rendezvous) on one machine, one rank each: the same weights as two ranks under one agent."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=f"{PYTHON_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    nodes = tiny_config(tmp_path / "nodes", no_dropout_model_dir, data_dir, combine="mgda", **EXACT)
+    port = free_port()
+    cmd = [torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "mtbert", "train",
+           *cli_args(nodes, EXACT["batch_size"] // 2)]
+    logs = [open(tmp_path / f"node{n}.log", "w") for n in range(2)]
+    agents = [subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT) for log in logs]
+    for agent in agents:
+        agent.wait(timeout=300)
+    text = "".join((tmp_path / f"node{n}.log").read_text() for n in range(2))
+    assert [a.returncode for a in agents] == [0, 0], text[-4000:]
+    assert "2 rank(s) (gloo): global batch 6 per task and step, 3 per rank" in text
+
+    one_agent = tiny_config(tmp_path / "one-agent", no_dropout_model_dir, data_dir, combine="mgda", **EXACT)
+    run_ranks(cli_args(one_agent, EXACT["batch_size"] // 2), 2, tmp_path, "one-agent")
+    a, b = weights(nodes.out), weights(one_agent.out)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -250,9 +250,11 @@ def current() -> Context:
 def sum_task_gradients(buffer: torch.Tensor) -> None:
     """Sum a (T, P) buffer of this rank's per-task gradients over the ranks, in place.
 
-    The hook of any combination of per-task gradients (PCGrad's ``sync``, an aggregator):
-    called after the buffer is filled and BEFORE the combination, so that it combines the
-    global per-task gradients and every rank computes the identical update.
+    The unsharded hook (``MultiTaskBackward(sync=...)``, PCGrad's ``sync``) for a combination
+    of per-task gradients written outside mtbert's training loop: called after the buffer is
+    filled and BEFORE the combination, so that it combines the global per-task gradients and
+    every rank computes the identical update. Training uses the sharded
+    :class:`GradientShardSync`, a third less traffic.
     """
     _CURRENT.sum_(buffer, "the per-task gradient sum")
 
@@ -342,8 +344,9 @@ def task_gradient_sync(ctx: Context) -> Optional[Callable[[torch.Tensor], None]]
 
 def sum_gradients(params: Sequence[torch.Tensor], *, already_summed: Sequence[torch.Tensor] = ()) -> None:
     """After the backward pass: the .grad of `params` summed over ranks (one flat all-reduce),
-    except those in `already_summed` (the shared parameters whose per-task gradients were
-    summed by :func:`sum_task_gradients` before their combination)."""
+    except those in `already_summed` (the shared parameters of a gradient method: their
+    per-task gradients were summed over the ranks before the combination, by
+    :class:`GradientShardSync`)."""
     _CURRENT.all_reduce_grads(params, exclude=already_summed)
 
 
