@@ -15,7 +15,7 @@ Three figures, printed as Markdown tables:
    the P / W combined columns: what training runs); and the unsharded all-reduce of the
    whole (T, P) buffer it replaced. The head gradients' all-reduce is added to each.
 3. the memory a gradient method adds per rank, for MiniLM and BERT-base, from their
-   parameter counts: (T + 1) x P float32 in one process, (T + 1)(W + 1) P / W sharded.
+   parameter counts: (T + 1) x P float32 in one process, ((T + 1)(W + 1) + T) P / W sharded.
 
 Not a pytest benchmark: it launches processes and runs minutes. Numbers depend on the load of
 the machine; report them with the machine they came from.

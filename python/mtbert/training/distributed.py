@@ -555,9 +555,9 @@ def evaluate_tasks(ctx: Context, model, datasets: dict, *, device, batch_size: i
 
 def pcgrad_buffer_bytes(num_tasks: int, num_shared_params: int, world_size: int = 1) -> int:
     """Memory a gradient method adds per rank: the float32 (T, P) buffer plus the (P,) result;
-    sharded over W > 1 ranks also this rank's summed (T, P / W) block and its (P / W,) result
-    (P rounded up to a multiple of W)."""
+    sharded over W > 1 ranks, P rounded up to a multiple of W, also this rank's summed
+    (T, P / W) block, its (P / W,) combined columns and the ring's (T, P / W) receive buffer."""
     if world_size == 1:
         return 4 * (num_tasks + 1) * num_shared_params
     width = -(-num_shared_params // world_size)
-    return 4 * (num_tasks + 1) * (world_size + 1) * width
+    return 4 * width * ((num_tasks + 1) * (world_size + 1) + num_tasks)
