@@ -33,6 +33,8 @@ OTHER_TOOLS_FLAGS = {
     "--no-deps",
     # maturin (maturin develop --release)
     "--release",
+    # benches/bench_distributed.py and bench_overlap.py (docs/scaling.md)
+    "--reps", "--steps",
 }
 
 FENCE = re.compile(r"^\s*(```|~~~)")
