@@ -60,6 +60,16 @@ def options(method: str) -> dict:
     return {"seed": 5} if method in ("pcgrad", "gradvac") else {}
 
 
+def record_and_step(params, stats) -> dict:
+    """This step's combined gradient and weights; then plain SGD on the gradient."""
+    record = {"grad": torch.cat([p.grad.reshape(-1) for p in params]).tolist(),
+              "weights": list(map(float, stats.weights))}
+    with torch.no_grad():
+        for p in params:
+            p -= 0.1 * p.grad
+    return record
+
+
 def reference(method: str, world: int, steps: int) -> list[dict]:
     """One process: task i's loss is the sum of the ranks' losses (so its gradient is the sum
     of theirs); the same parameters updated by plain SGD on the combined gradient."""
@@ -69,12 +79,7 @@ def reference(method: str, world: int, steps: int) -> list[dict]:
     for step in range(steps):
         per_rank = [rank_losses(params, r, step, world) for r in range(world)]
         losses = [sum(l[i] for l in per_rank if l[i] is not None) for i in range(T)]
-        stats = mtb.backward(losses)
-        out.append({"grad": torch.cat([p.grad.reshape(-1) for p in params]).tolist(),
-                    "weights": list(map(float, stats.weights))})
-        with torch.no_grad():
-            for p in params:
-                p -= 0.1 * p.grad
+        out.append(record_and_step(params, mtb.backward(losses)))
     return out
 
 
@@ -96,12 +101,7 @@ def _worker(rank: int, world: int, port: int, methods: list, steps: int, result_
                 losses = rank_losses(params, rank, step, world)
                 if poison and rank == 0:  # NaN in the last parameter's columns: rank 1's block only
                     losses[0] = losses[0] + (params[-1] * float("nan")).sum()
-                stats = mtb.backward(losses)
-                out.append({"grad": torch.cat([p.grad.reshape(-1) for p in params]).tolist(),
-                            "weights": list(map(float, stats.weights))})
-                with torch.no_grad():
-                    for p in params:
-                        p -= 0.1 * p.grad
+                out.append(record_and_step(params, mtb.backward(losses)))
         except ValueError as exc:
             out = {"error": str(exc)}
         results[method] = out
