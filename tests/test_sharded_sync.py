@@ -27,7 +27,7 @@ from mtbert.training import distributed
 SHAPES = [(7,), (5, 3), (4,)]  # P = 26: the (5, 3) parameter spans columns 7-21, across two boundaries
 T = 3
 # methods with a linear-combination update from G (pcgrad and gradvac: seeded orders and state)
-METHODS = ["pcgrad", "mgda", "cagrad", "nash", "upgrad", "gradvac", "imtl", "aligned"]
+METHODS = ["pcgrad", "mgda", "cagrad", "nash", "upgrad", "fairgrad", "gradvac", "imtl", "aligned"]
 
 
 def free_port() -> int:
