@@ -151,6 +151,18 @@ def test_no_data_anywhere_lists_where_it_looked(tmp_path, monkeypatch):
     assert "shared" in str(err.value)
 
 
+def test_any_cwd_finds_the_data_beside_the_checkout(tmp_path, monkeypatch):
+    """From a folder without data, the checkout's own ./data or ../shared/data is found: the
+    same folder as from the checkout's root (the layout by concept once moved this module a
+    level down, and the lookup pointed into python/ for a while)."""
+    monkeypatch.delenv("MTBERT_DATA", raising=False)
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    from_root = resolve_data_dir(None).resolve()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data_dir(None).resolve() == from_root
+
+
 def test_unknown_task_and_split():
     with pytest.raises(ValueError, match="valid tasks: sst, para, sts, cfimdb"):
         task_spec("mnli")

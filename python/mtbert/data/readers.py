@@ -132,8 +132,9 @@ def resolve_data_dir(data_dir: Optional[Union[str, os.PathLike]] = None) -> Path
                                "(for example ids-sst-train.csv)")
         return folder
     candidates = [Path("data"), Path("..") / "shared" / "data"]
-    # Also look beside the source checkout, so commands work from any cwd.
-    repo_root = Path(__file__).resolve().parents[2]
+    # Also look beside the source checkout (python/mtbert/data/readers.py -> the checkout's
+    # root), so commands work from any cwd.
+    repo_root = Path(__file__).resolve().parents[3]
     candidates += [repo_root / "data", repo_root.parent / "shared" / "data"]
     for folder in candidates:
         if _holds_data(folder):
