@@ -19,6 +19,7 @@ something else; a run in flight finishes).
     python scripts/settle.py --out /work/settle --phase weights,methods
     mtbert-compare /work/settle/methods/*-seed* --out /work/settle/methods-report
     python scripts/settle.py --out /work/settle --phase default --top nash,mgda,imtl
+    python scripts/settle.py --out /work/settle --phase default --top auto   # the same choice, made here
 """
 
 from __future__ import annotations
@@ -75,6 +76,30 @@ def method_jobs(out: Path, folder_name: str, steps: int, methods: list[str], wei
                                                                *weight_flag(weights)]
 
 
+def top_methods(out: Path, count: int = 3) -> list[str]:
+    """The `count` best methods of the finished 300-step grid against the plain sum, by
+    mtbert-compare over all of its runs: first those whose overall score is better after the
+    Holm correction, then by the mean overall difference. The baselines the default phase
+    runs anyway (sum, scalefree) and the 1/3-scaled sum (mean) are not candidates."""
+    from mtbert.experiments.compare import compare_runs
+    from mtbert.mtl.methods import METHODS
+
+    jobs = list(method_jobs(out, "methods", SHORT_STEPS, list(METHODS), best_weights(out)))
+    missing = [f for f, _ in jobs if not (f / "summary.json").is_file()]
+    if missing:
+        raise SystemExit(f"error: --top auto needs the whole 300-step grid; {len(missing)} run(s) missing, "
+                         f"first {missing[0]}")
+    folders = [f for f, _ in jobs]
+    report = compare_runs(folders, baseline=str(out / "methods" / f"sum-seed{SEEDS[0]}"),
+                          names={f: f.name.rsplit("-seed", 1)[0] for f in folders})
+    overall = {r["config"]: r for r in report["comparisons"] if r["task"] == "overall"}
+    candidates = [m for m in METHODS if m not in ("sum", "mean", "scalefree") and m in overall]
+    ranked = sorted(candidates, key=lambda m: (overall[m]["verdict"] != "better", -(overall[m]["mean"] or 0.0)))
+    for m in ranked:
+        print(f"  {m}: overall {overall[m]['mean']:+.4f} vs sum, Holm p {overall[m]['p_holm']}, {overall[m]['verdict']}")
+    return ranked[:count]
+
+
 def run(out: Path, folder: Path, flags: list[str], extra: list[str]) -> None:
     pause = out / "pause"
     while pause.exists():
@@ -102,7 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="Run folders (outside the repository).")
     parser.add_argument("--phase", default="weights,methods", help="Comma-separated: weights, methods, default.")
-    parser.add_argument("--top", default="", help="For --phase default: the methods to run beside the baselines.")
+    parser.add_argument("--top", default="", help="For --phase default: the three methods to run beside the "
+                        "baselines, or auto (the three best of the 300-step grid by mtbert-compare).")
     parser.add_argument("--extra", default="", help="Flags added to every run (smoke tests only).")
     parser.add_argument("--dry-run", action="store_true", help="List the commands still to run.")
     args = parser.parse_args()
@@ -112,6 +138,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"error: unknown phase(s) {', '.join(unknown)}; phases: weights, methods, default")
     top = [m for m in args.top.split(",") if m]
+    if "default" in phases and top == ["auto"]:
+        top = top_methods(args.out)
+        print(f"--top auto: {','.join(top)}", flush=True)
     if "default" in phases and (len(top) != 3 or set(top) - set(METHODS)):
         raise SystemExit(f"error: --top needs the three best methods of the 300-step grid (got {args.top!r})")
     extra = shlex.split(args.extra)
