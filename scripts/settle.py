@@ -67,7 +67,15 @@ def best_weights(out: Path) -> dict:
     return json.loads(max(scores, key=scores.get))
 
 
-def method_jobs(out: Path, folder_name: str, steps: int, methods: list[str], weights: dict):
+def method_jobs(out: Path, folder_name: str, steps: int, methods: list[str], weights: dict, first=()):
+    """Seed by seed, every method and then the best weighting; the methods in `first` (all
+    their seeds) go before the rest."""
+    jobs = list(_method_jobs(out, folder_name, steps, methods, weights))
+    return ([j for j in jobs if j[0].name.rsplit("-seed", 1)[0] in first]
+            + [j for j in jobs if j[0].name.rsplit("-seed", 1)[0] not in first])
+
+
+def _method_jobs(out: Path, folder_name: str, steps: int, methods: list[str], weights: dict):
     for seed in SEEDS:
         for method in methods:
             yield out / folder_name / f"{method}-seed{seed}", ["--max-steps", str(steps), "--combine", method,
@@ -129,6 +137,8 @@ def main() -> None:
     parser.add_argument("--phase", default="weights,methods", help="Comma-separated: weights, methods, default.")
     parser.add_argument("--top", default="", help="For --phase default: the three methods to run beside the "
                         "baselines, or auto (the three best of the 300-step grid by mtbert-compare).")
+    parser.add_argument("--first", default="", help="For --phase methods: configurations (method names, "
+                        "best-weights) to run with all their seeds before the others.")
     parser.add_argument("--extra", default="", help="Flags added to every run (smoke tests only).")
     parser.add_argument("--dry-run", action="store_true", help="List the commands still to run.")
     args = parser.parse_args()
@@ -152,7 +162,8 @@ def main() -> None:
         elif args.dry_run and "weights" in phases:
             jobs = []  # the best weighting is not known before the sweep ran
         elif phase == "methods":
-            jobs = list(method_jobs(args.out, "methods", SHORT_STEPS, list(METHODS), best_weights(args.out)))
+            jobs = list(method_jobs(args.out, "methods", SHORT_STEPS, list(METHODS), best_weights(args.out),
+                                    first=args.first.split(",")))
         else:
             jobs = list(method_jobs(args.out, "default", DEFAULT_STEPS, ["sum", "scalefree", *top],
                                     best_weights(args.out)))
