@@ -9,7 +9,8 @@ Writes, from the finished runs only (a run still missing is listed as missing, n
 - method-weights.md: the task weights each method chose, averaged over its steps, beside the
   best fixed weighting (both scaled to sum to T, the plain sum's 1 per task);
 - runs.json: every finished run (configuration, seed, dev scores, wall time, code version);
-- commands.md: every command with its start, wall time and the load average around it.
+- commands.md: every command with its start, wall time and the load average around it;
+- README.md: what ran, on which machine and code, which runs are still missing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from settle import SEEDS, TASKS, best_weights  # noqa: E402  (the study's own definitions)
+from settle import DEFAULT_STEPS, SEEDS, SHORT_STEPS, TASKS, best_weights, method_jobs, sweep_jobs  # noqa: E402
 
 from mtbert.experiments.compare import compare_runs, write_report  # noqa: E402
 from mtbert.mtl.methods import GRADIENT_METHODS  # noqa: E402
@@ -135,6 +136,48 @@ def commands_table(runs: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def planned(runs: Path) -> dict[str, list[Path]]:
+    """The folders each phase will hold when the study is done (the default phase's three
+    methods are chosen later, so only its baselines are listed)."""
+    from mtbert.mtl.methods import METHODS
+    try:
+        weights = best_weights(runs)
+    except SystemExit:
+        weights = None
+    plan = {"weights": [f for f, _ in sweep_jobs(runs)]}
+    plan["methods"] = [] if weights is None else [f for f, _ in method_jobs(runs, "methods", SHORT_STEPS,
+                                                                              list(METHODS), weights)]
+    plan["default"] = [] if weights is None else [f for f, _ in method_jobs(runs, "default", DEFAULT_STEPS,
+                                                                              ["sum", "scalefree"], weights)]
+    return plan
+
+
+def readme(runs: Path, records: list[dict]) -> str:
+    lines = ["# The study that settles what helps (issue 21)", "",
+             "Made by `python scripts/settle_report.py --runs $R --out results/settle` from the run folders "
+             "of `python scripts/settle.py --out $R` (the commands, in order, with wall times: "
+             "[commands.md](commands.md)). Machine: this project's 2-core CPU machine (24 GiB, no GPU), one "
+             "run at a time with both cores, fp32, the embedded all-MiniLM-L6-v2, full dev splits.", ""]
+    commits = sorted({(r.get("code") or {}).get("commit") or "?" for r in records})
+    walls = [r["wall_seconds"] for r in records if r.get("wall_seconds")]
+    lines.append(f"Code: {', '.join(c[:7] for c in commits)}. Wall time per run: "
+                 + (f"{min(walls):.0f}-{max(walls):.0f} s, median {float(np.median(walls)):.0f} s." if walls else "none yet."))
+    lines += ["", "| phase | finished | planned | missing |", "|---|---|---|---|"]
+    for phase, folders in planned(runs).items():
+        done = [f for f in folders if (f / "summary.json").is_file()]
+        missing = [f.name for f in folders if f not in done]
+        shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        lines.append(f"| {phase} | {len(done)} | {len(folders) or 'after the sweep'} | {shown or '-'} |")
+    lines += ["", "The default phase also runs the three best methods of the 300-step grid (`--top auto`), "
+              "chosen when that grid is complete.", "",
+              "- [weights.md](weights.md): the fixed-weight sweep and the point it chose (on held-out training rows).",
+              "- [methods-300/compare.md](methods-300/compare.md): 300 steps, every configuration against the "
+              "plain sum, Holm-Bonferroni over the report.",
+              "- [method-weights.md](method-weights.md): the task weights the methods chose.",
+              "- [runs.json](runs.json): every finished run.", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, required=True)
@@ -153,7 +196,9 @@ def main() -> None:
                             "300 steps: every method against the plain sum"),
               compare_phase(args.runs, "default", args.out / "default-1500",
                             "The default budget (1500 steps) against the plain sum")]
-    (args.out / "runs.json").write_text(json.dumps(run_records(args.runs), indent=1) + "\n")
+    records = run_records(args.runs)
+    (args.out / "runs.json").write_text(json.dumps(records, indent=1) + "\n")
+    (args.out / "README.md").write_text(readme(args.runs, records))
     (args.out / "commands.md").write_text("# Every command of the study, in order\n\n`$R` is the run folder "
                                           f"({args.runs}).\n\n" + commands_table(args.runs))
     print("".join(status), end="")
