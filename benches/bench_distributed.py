@@ -15,7 +15,7 @@ Three figures, printed as Markdown tables:
    the P / W combined columns: what training runs); and the unsharded all-reduce of the
    whole (T, P) buffer it replaced. The head gradients' all-reduce is added to each.
 3. the memory a gradient method adds per rank, for MiniLM and BERT-base, from their
-   parameter counts: (T + 1) x P float32 in one process, ((T + 1)(W + 1) + T) P / W sharded.
+   parameter counts: (T + 1) x P float32 in one process, (T + 1) P + T P / W sharded.
 
 Not a pytest benchmark: it launches processes and runs minutes. Numbers depend on the load of
 the machine; report them with the machine they came from.
@@ -95,12 +95,12 @@ def _sync_worker(rank: int, world: int, port: int, tasks: int, shared: int, head
     width = shard_width(shared, world)
     plain, head = torch.ones(shared + heads), torch.ones(heads)
     full = torch.ones(tasks, shared)
-    blocks, local = torch.ones(world, tasks, width), torch.empty(tasks, width)
+    blocks = torch.ones(world, tasks, width)
     parts, part = torch.empty(world * tasks * tasks, dtype=torch.float64), torch.ones(tasks * tasks, dtype=torch.float64)
     result, piece = torch.empty(world * width), torch.ones(width)
 
     def sharded():  # what MultiTaskBackward._sharded sends, without its Gram and combination passes
-        shards.reduce_scatter(local, blocks)
+        shards.reduce_scatter(blocks)
         shards.all_gather(parts, part)
         shards.all_gather(result, piece)
         dist.all_reduce(head)

@@ -155,8 +155,8 @@ def test_sharded_buffers_use_less_than_the_full_buffer_twice():
     one = distributed.pcgrad_buffer_bytes(3, P)
     two = distributed.pcgrad_buffer_bytes(3, P, world_size=2)
     assert one == 4 * 4 * P
-    # the blocks and the result (one process's buffers, P padded to W S), plus this rank's
-    # (T, S) block, its (S,) columns and the ring's (T, S) receive buffer
+    # the blocks and the result (one process's buffers, P padded to W S), plus the ring's
+    # (T, S) receive buffer: the summed block and the combined columns are views of them
     S = shard_width(P, 2)
-    assert two == 4 * (2 * S * (3 + 1) + (3 + 1 + 3) * S)
-    assert one < two < 2 * one
+    assert two == 4 * (2 * S * (3 + 1) + 3 * S)
+    assert one < two <= 1.5 * one

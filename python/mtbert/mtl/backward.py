@@ -67,11 +67,13 @@ class GradientShards(Protocol):
     rank: int
     world_size: int
 
-    def reduce_scatter(self, output: Tensor, blocks: Tensor) -> None:
-        """``output`` = the sum over the ranks of ``blocks[rank]`` ((W, ...) -> (...))."""
+    def reduce_scatter(self, blocks: Tensor) -> Tensor:
+        """The sum over the ranks of ``blocks[rank]`` ((W, ...) -> (...)); it may be summed
+        in place into ``blocks[rank]`` and returned as that view."""
 
     def all_gather(self, output: Tensor, piece: Tensor) -> None:
-        """``output`` = every rank's ``piece`` concatenated in rank order ((n,) -> (W * n,))."""
+        """``output`` = every rank's ``piece`` concatenated in rank order ((n,) -> (W * n,));
+        ``piece`` may be ``output``'s own chunk (``output[rank * n:(rank + 1) * n]``)."""
 
 
 def shard_width(num_params: int, world_size: int) -> int:
@@ -199,9 +201,9 @@ class MultiTaskBackward:
             # (W, T, S): block r holds columns [r S, (r+1) S) of every task's gradient, the
             # part rank r sums and combines; zeros past P (never written) pad the last block.
             self.blocks = torch.zeros(W, T, S, dtype=torch.float32, device=self.device)
-            self.local = torch.empty(T, S, dtype=torch.float32, device=self.device)  # this rank's summed block
-            self.local_result = torch.empty(S, dtype=torch.float32, device=self.device)  # (S,)
             self.result = torch.empty(W * S, dtype=torch.float32, device=self.device)  # (W S,), in column order
+            # this rank's combined columns, written in place: the all-gather fills the rest
+            self.own_result = self.result[self.shards.rank * S:(self.shards.rank + 1) * S]
             # A parameter whose columns cross a block boundary is copied in pieces: (view, its columns).
             self._row_pieces = [[[(self.blocks[r, i, lo - r * S:hi - r * S], (lo - a, hi - a))
                                   for r in range(a // S, (b - 1) // S + 1)
@@ -253,10 +255,10 @@ class MultiTaskBackward:
         all-gather assembles the update. Traffic (T + 1) P floats per rank instead of the
         all-reduce's 2 T P; each rank does 1 / W of the Gram and combination passes."""
         shards, T = self.shards, self.num_tasks
-        shards.reduce_scatter(self.local, self.blocks)
+        local = shards.reduce_scatter(self.blocks)  # (T, S): this rank's columns, summed over the ranks
         problem = None
         try:
-            part = gram(self.local) if self.backend == "native" else gram_torch(self.local)
+            part = gram(local) if self.backend == "native" else gram_torch(local)
         except ValueError as exc:  # a non-finite gradient: every rank must still take part
             part, problem = np.full((T, T), np.nan), str(exc)
         parts = torch.empty(shards.world_size * T * T, dtype=torch.float64, device=self.device)
@@ -266,10 +268,10 @@ class MultiTaskBackward:
             raise ValueError(problem)
         w = method_weights(self.method, G)
         if self.backend == "native":
-            combine(self.local, w, out=self.local_result, check_finite=False)
+            combine(local, w, out=self.own_result, check_finite=False)
         else:
-            combine_torch(self.local, w, self.local_result)
-        shards.all_gather(self.result, self.local_result)
+            combine_torch(local, w, self.own_result)
+        shards.all_gather(self.result, self.own_result)
         return G, w
 
     def weighted_loss(self, losses: Sequence[Optional[Tensor]]) -> tuple[Optional[Tensor], AggregationStats]:

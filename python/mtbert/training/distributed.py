@@ -287,42 +287,48 @@ class GradientShardSync:
         self.ctx, self.rank, self.world_size = ctx, ctx.rank, ctx.world_size
         self.ring = ctx.backend != "nccl"
 
-    def reduce_scatter(self, output: torch.Tensor, blocks: torch.Tensor) -> None:
+    def reduce_scatter(self, blocks: torch.Tensor) -> torch.Tensor:
         try:
             if not self.ring:
+                output = self._kept("_output", blocks[0])
                 dist.reduce_scatter_tensor(output.view(-1), blocks.view(-1))
-                return
+                return output
             # W - 1 steps: rank r adds the partial sum of chunk (r - k - 2) mod W from rank r - 1
-            # to its own and passes on chunk (r - k - 1) mod W; after the last, chunk r is whole.
+            # to its own and passes on chunk (r - k - 1) mod W; after the last, chunk r is whole,
+            # summed in place.
             W, r = self.world_size, self.rank
             chunks = blocks.view(W, -1)
-            incoming = self._incoming(chunks[0])
+            incoming = self._kept("_incoming", chunks[0])
             for k in range(W - 1):
                 send = dist.isend(chunks[(r - k - 1) % W], (r + 1) % W)
                 dist.recv(incoming, (r - 1) % W)
                 send.wait()
                 mine = (r - k - 2) % W
-                torch.add(chunks[mine], incoming, out=output.view(-1) if k == W - 2 else chunks[mine])
+                chunks[mine].add_(incoming)
+            return blocks[r]
         except Exception as exc:  # gloo/NCCL raise RuntimeError subclasses (DistBackendError)
             raise DistributedError(_lost(self.ctx, "the per-task gradient reduce-scatter", exc)) from None
 
-    def _incoming(self, like: torch.Tensor) -> torch.Tensor:
-        """The receive buffer, kept between steps: a fresh one per step costs its page faults
-        (measured: half the reduce-scatter's time on MiniLM)."""
-        buf = getattr(self, "_buffer", None)
+    def _kept(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like `like`, kept between steps: a fresh one per step costs its page
+        faults (measured: half the reduce-scatter's time on MiniLM)."""
+        buf = getattr(self, name, None)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buffer = torch.empty_like(like)
+            buf = torch.empty_like(like)
+            setattr(self, name, buf)
         return buf
 
     def all_gather(self, output: torch.Tensor, piece: torch.Tensor) -> None:
         try:
-            if not self.ring:
-                dist.all_gather_into_tensor(output, piece)
-                return
-            # W - 1 steps: rank r passes on chunk (r - k) mod W and receives chunk (r - k - 1) mod W.
             W, r = self.world_size, self.rank
             chunks = output.view(W, -1)
-            chunks[r].copy_(piece.view(-1))
+            own = piece.data_ptr() == chunks[r].data_ptr()
+            if not self.ring:  # a piece inside the output goes as a copy (NCCL's in-place form untested)
+                dist.all_gather_into_tensor(output, piece.clone() if own else piece)
+                return
+            # W - 1 steps: rank r passes on chunk (r - k) mod W and receives chunk (r - k - 1) mod W.
+            if not own:
+                chunks[r].copy_(piece.view(-1))
             for k in range(W - 1):
                 send = dist.isend(chunks[(r - k) % W], (r + 1) % W)
                 dist.recv(chunks[(r - k - 1) % W], (r - 1) % W)
@@ -555,9 +561,9 @@ def evaluate_tasks(ctx: Context, model, datasets: dict, *, device, batch_size: i
 
 def pcgrad_buffer_bytes(num_tasks: int, num_shared_params: int, world_size: int = 1) -> int:
     """Memory a gradient method adds per rank: the float32 (T, P) buffer plus the (P,) result;
-    sharded over W > 1 ranks, P rounded up to a multiple of W, also this rank's summed
-    (T, P / W) block, its (P / W,) combined columns and the ring's (T, P / W) receive buffer."""
+    sharded over W > 1 ranks (P rounded up to a multiple of W) also one (T, P / W) buffer:
+    the ring's receive buffer on gloo, the reduce-scatter's output on NCCL."""
     if world_size == 1:
         return 4 * (num_tasks + 1) * num_shared_params
     width = -(-num_shared_params // world_size)
-    return 4 * width * ((num_tasks + 1) * (world_size + 1) + num_tasks)
+    return 4 * width * ((num_tasks + 1) * world_size + num_tasks)
