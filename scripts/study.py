@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 SEEDS = (11711, 11712, 11713)
