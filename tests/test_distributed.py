@@ -132,7 +132,7 @@ def test_single_process_context_changes_nothing(monkeypatch):
     assert not ctx.active and ctx.world_size == 1 and ctx.is_main
     idx = np.arange(7)
     assert ctx.shard(idx) is idx and ctx.loss_weight(3, 7) == 1.0
-    assert distributed.task_gradient_sync(ctx) is None
+    assert distributed.task_gradient_shards(ctx) is None
     losses = {"sst": [1.0]}
     summed, examples = ctx.sum_window(losses, 3)
     assert summed is losses and examples == 3

@@ -232,20 +232,23 @@ class MultiTaskBackward:
         self._fill_task_gradients(losses)
         if self.shards is not None:
             G, w = self._sharded()
-            self._set_shared_gradients()
-            return AggregationStats.build(self.method.name, w, G, self.method.last_orders())
-        if self.sync is not None:
-            self.sync(self.buffer)
-        if self.backend == "native":
-            G = gram(self.buffer)
-            w = method_weights(self.method, G)
-            combine(self.buffer, w, out=self.result, check_finite=False)
         else:
-            G = gram_torch(self.buffer)
+            if self.sync is not None:
+                self.sync(self.buffer)
+            G = self._gram(self.buffer)
             w = method_weights(self.method, G)
-            combine_torch(self.buffer, w, self.result)
+            self._combine(self.buffer, w, self.result)
         self._set_shared_gradients()
         return AggregationStats.build(self.method.name, w, G, self.method.last_orders())
+
+    def _gram(self, grads: Tensor) -> np.ndarray:
+        return gram(grads) if self.backend == "native" else gram_torch(grads)
+
+    def _combine(self, grads: Tensor, w: np.ndarray, out: Tensor) -> None:
+        if self.backend == "native":
+            combine(grads, w, out=out, check_finite=False)
+        else:
+            combine_torch(grads, w, out)
 
     def _sharded(self) -> tuple[np.ndarray, np.ndarray]:
         """The sharded synchronization: a reduce-scatter leaves this rank the global per-task
@@ -258,7 +261,7 @@ class MultiTaskBackward:
         local = shards.reduce_scatter(self.blocks)  # (T, S): this rank's columns, summed over the ranks
         problem = None
         try:
-            part = gram(local) if self.backend == "native" else gram_torch(local)
+            part = self._gram(local)
         except ValueError as exc:  # a non-finite gradient: every rank must still take part
             part, problem = np.full((T, T), np.nan), str(exc)
         parts = torch.empty(shards.world_size * T * T, dtype=torch.float64, device=self.device)
@@ -267,10 +270,7 @@ class MultiTaskBackward:
         if problem is not None:
             raise ValueError(problem)
         w = method_weights(self.method, G)
-        if self.backend == "native":
-            combine(local, w, out=self.own_result, check_finite=False)
-        else:
-            combine_torch(local, w, self.own_result)
+        self._combine(local, w, self.own_result)
         shards.all_gather(self.result, self.own_result)
         return G, w
 

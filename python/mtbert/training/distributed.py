@@ -54,6 +54,7 @@ from ..data.batches import eval_batches
 from ..evaluation.evaluate import autocast_context, evaluate_tasks as evaluate_local
 from ..data.tasks import get_task
 from ..errors import DistributedError, MalformedRowWarning
+from ..mtl.backward import shard_width
 
 ENV_TIMEOUT = "MTBERT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 900.0
@@ -343,11 +344,6 @@ def task_gradient_shards(ctx: Context) -> Optional[GradientShardSync]:
     return GradientShardSync(ctx) if ctx.active and ctx.world_size > 1 else None
 
 
-def task_gradient_sync(ctx: Context) -> Optional[Callable[[torch.Tensor], None]]:
-    """:func:`sum_task_gradients` under torchrun, None in a single process (nothing to do)."""
-    return sum_task_gradients if ctx.active else None
-
-
 def sum_gradients(params: Sequence[torch.Tensor], *, already_summed: Sequence[torch.Tensor] = ()) -> None:
     """After the backward pass: the .grad of `params` summed over ranks (one flat all-reduce),
     except those in `already_summed` (the shared parameters of a gradient method: their
@@ -565,5 +561,5 @@ def pcgrad_buffer_bytes(num_tasks: int, num_shared_params: int, world_size: int 
     the ring's receive buffer on gloo, the reduce-scatter's output on NCCL."""
     if world_size == 1:
         return 4 * (num_tasks + 1) * num_shared_params
-    width = -(-num_shared_params // world_size)
+    width = shard_width(num_shared_params, world_size)
     return 4 * width * ((num_tasks + 1) * world_size + num_tasks)
