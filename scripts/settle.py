@@ -67,12 +67,16 @@ def best_weights(out: Path) -> dict:
     return json.loads(max(scores, key=scores.get))
 
 
+def config_name(folder: Path) -> str:
+    """The configuration of a run folder <name>-seed<seed>: a method or best-weights."""
+    return folder.name.rsplit("-seed", 1)[0]
+
+
 def method_jobs(out: Path, folder_name: str, steps: int, methods: list[str], weights: dict, first=()):
     """Seed by seed, every method and then the best weighting; the methods in `first` (all
     their seeds) go before the rest."""
     jobs = list(_method_jobs(out, folder_name, steps, methods, weights))
-    return ([j for j in jobs if j[0].name.rsplit("-seed", 1)[0] in first]
-            + [j for j in jobs if j[0].name.rsplit("-seed", 1)[0] not in first])
+    return [j for j in jobs if config_name(j[0]) in first] + [j for j in jobs if config_name(j[0]) not in first]
 
 
 def _method_jobs(out: Path, folder_name: str, steps: int, methods: list[str], weights: dict):
@@ -99,7 +103,7 @@ def top_methods(out: Path, count: int = 3) -> list[str]:
                          f"first {missing[0]}")
     folders = [f for f, _ in jobs]
     report = compare_runs(folders, baseline=str(out / "methods" / f"sum-seed{SEEDS[0]}"),
-                          names={f: f.name.rsplit("-seed", 1)[0] for f in folders})
+                          names={f: config_name(f) for f in folders})
     overall = {r["config"]: r for r in report["comparisons"] if r["task"] == "overall"}
     candidates = [m for m in METHODS if m not in ("sum", "mean", "scalefree") and m in overall]
     ranked = sorted(candidates, key=lambda m: (overall[m]["verdict"] != "better", -(overall[m]["mean"] or 0.0)))

@@ -25,19 +25,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from settle import DEFAULT_STEPS, SEEDS, SHORT_STEPS, TASKS, best_weights, method_jobs, sweep_jobs  # noqa: E402
+from settle import (DEFAULT_STEPS, SEEDS, SHORT_STEPS, TASKS, best_weights, config_name, method_jobs,  # noqa: E402
+                    sweep_jobs)
 
+from mtbert.experiments.ablation import headline  # noqa: E402
 from mtbert.experiments.compare import compare_runs, write_report  # noqa: E402
 from mtbert.mtl.methods import GRADIENT_METHODS  # noqa: E402
 
 
 def finished(folder: Path) -> list[Path]:
     return sorted(p.parent for p in folder.glob("*/summary.json")) if folder.is_dir() else []
-
-
-def headline(summary: dict) -> dict:
-    from mtbert.data.tasks import get_task
-    return {t: m[get_task(t).headline_metric] for t, m in summary["dev"].items()}
 
 
 def weights_table(runs: Path) -> str:
@@ -54,7 +51,7 @@ def weights_table(runs: Path) -> str:
         w = summary["config"].get("task_weights") or {t: 1.0 for t in TASKS}
         rows.append((summary["holdout_overall"], w, summary))
     for held, w, summary in sorted(rows, key=lambda r: -r[0]):
-        dev = headline(summary)
+        dev = headline(summary["dev"])
         mark = " (chosen)" if chosen is not None and (w == chosen or (not chosen and all(v == 1 for v in w.values()))) else ""
         lines.append(f"| {w['sst']:g} | {w['para']:g} | {w['sts']:g} | {held:.4f}{mark} | {summary['overall']:.4f} | "
                      + " | ".join(f"{dev[t]:.3f}" for t in TASKS) + " |")
@@ -100,10 +97,7 @@ def compare_phase(runs: Path, phase: str, out: Path, title: str) -> str:
     baseline = runs / phase / f"sum-seed{SEEDS[0]}"
     if not folders or not (baseline / "summary.json").is_file():
         return f"{phase}: no finished runs with the plain sum yet\n"
-    names = {}
-    for f in folders:
-        names[f] = f.name.rsplit("-seed", 1)[0]
-    report = compare_runs(folders, baseline=str(baseline), names=names)
+    report = compare_runs(folders, baseline=str(baseline), names={f: config_name(f) for f in folders})
     write_report(report, out, title=title)
     return f"{phase}: {len(folders)} finished run(s), report in {out.name}/compare.md\n"
 
@@ -118,7 +112,7 @@ def run_records(runs: Path) -> list[dict]:
             records.append({"id": f"{phase}/{folder.name}", "combine": cfg["combine"],
                             "task_weights": cfg.get("task_weights") or {}, "seed": cfg["seed"],
                             "max_steps": cfg["max_steps"], "holdout": cfg.get("holdout", 0),
-                            "best_step": summary["best_step"], "dev": headline(summary),
+                            "best_step": summary["best_step"], "dev": headline(summary["dev"]),
                             "overall": summary["overall"], "holdout_overall": summary.get("holdout_overall"),
                             "wall_seconds": prov.get("wall_seconds"), "code": prov.get("code"),
                             "method_weights": (None if (w := average_weights(folder)) is None else w.tolist())})
